@@ -1,0 +1,30 @@
+# Development entry points. Each target installs what it needs into .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch for the optional interop tests (a plain `torch` may pull a CUDA build).
+TORCH ?= torch==2.13.0
+
+.PHONY: install test lint demo bench
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" || echo "PyTorch not installed: interop tests will skip"
+	$(PY) -m pip install -q -e '.[test,demo,tensorboard]'
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint
+	$(PY) -m pytest -q -n 2
+
+demo: install
+	$(PY) train.py --config configs/digits_demo.py --workdir workdirs/digits_demo
+
+bench: install
+	$(PY) bench/bench.py --small

@@ -1,0 +1,194 @@
+"""Gates that decide, per image, whether a residual block executes.
+
+The gate of ConvNet-AIG looks at the block input, summarises it by global average pooling and
+maps it through a tiny two-layer network to two logits: "skip" (index 0) and "execute"
+(index 1). During training the decision is a hard sample drawn with the Gumbel-max trick, and
+its gradient is the gradient of the relaxed (softmax) sample: the straight-through estimator.
+
+Every gate, including those a fork registers, follows one contract so that the residual blocks
+never need editing::
+
+    gate = GateClass(name="gate")
+    out = gate(x, train=..., mode=..., threshold=...)   # x: [B, H, W, C]
+    out.decision  # [B] float32, exactly 0.0 or 1.0 (1 = execute the block)
+    out.prob      # [B] float32, noise-free p(execute)
+
+Gate computations run in float32 whatever the model's compute dtype, so bf16 training cannot
+flip decisions through rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, get_args
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aig_jax.registry import Registry
+
+GateMode = Literal["sample", "argmax", "open", "calibrated"]
+GATE_MODES: tuple[str, ...] = get_args(GateMode)
+
+#: The Gumbel noise of the reference implementation: -log(eps - log(u + eps)).
+GUMBEL_EPS = 1e-10
+
+
+class GateOutput(NamedTuple):
+    """What a gate returns: the hard decision and the noise-free execution probability."""
+
+    decision: jax.Array  # [B] float32 in {0, 1}
+    prob: jax.Array  # [B] float32 in [0, 1]
+
+
+def check_gate_mode(mode: str) -> None:
+    """Raise ``ValueError`` naming ``mode`` unless it is one of :data:`GATE_MODES`."""
+    if mode not in GATE_MODES:
+        raise ValueError(f"unknown gate mode {mode!r}; expected one of {list(GATE_MODES)}")
+
+
+def gumbel_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Gumbel(0, 1) noise of ``shape`` (float32), exactly as the reference code draws it."""
+    u = jax.random.uniform(key, shape, jnp.float32)
+    return -jnp.log(GUMBEL_EPS - jnp.log(u + GUMBEL_EPS))
+
+
+def straight_through_gumbel(logits: jax.Array, key: jax.Array, tau: float = 1.0) -> jax.Array:
+    """Hard Gumbel-softmax sample with the straight-through gradient.
+
+    Forward: the one-hot of ``argmax(logits + g)`` with Gumbel noise ``g``; values are exactly
+    0 and 1. Backward: the gradient of ``softmax((logits + g) / tau)``.
+
+    Args:
+      logits: [..., K] unnormalised log-probabilities.
+      key: PRNG key for the noise.
+      tau: softmax temperature of the relaxed sample (the gradient path only).
+
+    Returns:
+      [..., K] float32 one-hot samples.
+    """
+    logits = logits.astype(jnp.float32)
+    perturbed = logits + gumbel_noise(key, logits.shape)
+    soft = jax.nn.softmax(perturbed / tau, axis=-1)
+    hard = jax.nn.one_hot(jnp.argmax(perturbed, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    # hard + (soft - soft) is exactly hard in the forward pass and carries soft's gradient.
+    return hard + (soft - jax.lax.stop_gradient(soft))
+
+
+def straight_through_threshold(prob: jax.Array, threshold: jax.Array | float) -> jax.Array:
+    """Deterministic decision ``prob > threshold`` (exactly 0/1) with the gradient of ``prob``.
+
+    Args:
+      prob: [B] execution probabilities.
+      threshold: scalar threshold (0.5 is the argmax decision of a two-way gate).
+
+    Returns:
+      [B] float32 decisions.
+    """
+    hard = (prob > threshold).astype(jnp.float32)
+    return hard + (prob - jax.lax.stop_gradient(prob))
+
+
+def decide(
+    logits: jax.Array,
+    mode: str,
+    *,
+    tau: float,
+    threshold: jax.Array | float,
+    key: jax.Array | None,
+) -> GateOutput:
+    """Turn two-way gate logits [B, 2] into a :class:`GateOutput` according to ``mode``.
+
+    ``sample`` draws a hard straight-through Gumbel sample with ``key`` (required then);
+    ``argmax`` thresholds p(execute) at 0.5; ``calibrated`` thresholds it at ``threshold``;
+    ``open`` executes every image. Deterministic modes pass the gradient of p(execute) straight
+    through, so attacks can differentiate through them.
+    """
+    check_gate_mode(mode)
+    prob = jax.nn.softmax(logits.astype(jnp.float32) / tau, axis=-1)[:, 1]
+    if mode == "sample":
+        if key is None:
+            raise ValueError("gate mode 'sample' needs a PRNG key (the 'gumbel' rng stream)")
+        decision = straight_through_gumbel(logits, key, tau)[:, 1]
+    elif mode == "argmax":
+        decision = straight_through_threshold(prob, 0.5)
+    elif mode == "calibrated":
+        decision = straight_through_threshold(prob, threshold)
+    else:  # open
+        decision = jnp.ones_like(prob)
+    return GateOutput(decision, prob)
+
+
+def _fc2_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    return 0.001 * jax.random.normal(key, shape, dtype)
+
+
+def _fc2_bias_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    del key
+    if shape != (2,):
+        raise ValueError(f"the gate's last layer must have 2 outputs, got bias shape {shape}")
+    # p(execute) = sigmoid(2.0 - 0.1) ~ 0.87 at initialisation, as in the reference.
+    return jnp.array([0.1, 2.0], dtype)
+
+
+class GumbelGate(nn.Module):
+    """The ConvNet-AIG gate: avg-pool → Dense(hidden) → BatchNorm → ReLU → Dense(2) → decision.
+
+    Attributes:
+      hidden: width of the hidden layer (16 in the paper).
+      tau: Gumbel-softmax temperature (1 in the paper).
+      bn_momentum: running-average decay of the BatchNorm (Flax convention: 0.9 == PyTorch 0.1).
+      bn_epsilon: BatchNorm epsilon (PyTorch's default 1e-5).
+    """
+
+    hidden: int = 16
+    tau: float = 1.0
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    @classmethod
+    def cost(cls, in_features: int) -> tuple[int, int]:
+        """(multiply-accumulates per image, parameters) of a gate on ``in_features`` channels.
+
+        Part of the gate contract: :mod:`aig_jax.flops` asks every gate class for its cost.
+        The pooling's additions are not multiply-accumulates and are not counted.
+        """
+        hidden = cls.hidden
+        macs = in_features * hidden + hidden * 2
+        params = (in_features * hidden + hidden) + 2 * hidden + (hidden * 2 + 2)
+        return macs, params
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool,
+        mode: str,
+        threshold: jax.Array | float = 0.5,
+    ) -> GateOutput:
+        """Decide for each image of ``x`` [B, H, W, C]; returns decisions and probs, each [B]."""
+        w = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        w = nn.Dense(self.hidden, dtype=jnp.float32, name="fc1")(w)
+        w = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=jnp.float32,
+            name="fc1bn",
+        )(w)
+        w = nn.relu(w)
+        logits = nn.Dense(
+            2,
+            dtype=jnp.float32,
+            kernel_init=_fc2_kernel_init,
+            bias_init=_fc2_bias_init,
+            name="fc2",
+        )(w)
+        key = self.make_rng("gumbel") if mode == "sample" else None
+        return decide(logits, mode, tau=self.tau, threshold=threshold, key=key)
+
+
+#: Gates by name: ``model.gate`` in a config picks one; forks add theirs with ``GATES.register``.
+GATES: Registry[type[nn.Module]] = Registry("gate")
+GATES.register("gumbel", GumbelGate)

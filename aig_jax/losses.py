@@ -1,0 +1,61 @@
+"""Classification and target-rate losses.
+
+The target-rate loss of ConvNet-AIG pulls each gated block's batch execution rate towards its
+target: ``mean over gated layers l of (mean_b z[l, b] - t_l)**2``. Blocks with target 1 have
+no gate and are left out. The reference's ImageNet code divides by all blocks instead of the
+gated ones (``normalize="all"``), which only rescales λ.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def target_rate_loss(
+    gates: jax.Array, targets: jax.Array, *, normalize: str = "gated"
+) -> jax.Array:
+    """Squared distance between batch execution rates and target rates.
+
+    Args:
+      gates: [L, B] gate decisions (0/1, straight-through gradients).
+      targets: [L] target rates; layers with target >= 1 are excluded.
+      normalize: "gated" divides by the number of gated layers, "all" by L (the reference's
+        ImageNet code).
+
+    Returns:
+      Scalar loss (0 when no layer is gated).
+    """
+    if normalize not in ("gated", "all"):
+        raise ValueError(f"normalize must be 'gated' or 'all', got {normalize!r}")
+    targets = jnp.asarray(targets, jnp.float32)
+    if gates.ndim != 2 or targets.shape != gates.shape[:1]:
+        raise ValueError(
+            f"gates must be [L, B] and targets [L]; got {gates.shape} and {targets.shape}"
+        )
+    gated = targets < 1.0
+    rates = jnp.mean(gates.astype(jnp.float32), axis=1)
+    sq = jnp.where(gated, (rates - targets) ** 2, 0.0)
+    denom = jnp.sum(gated) if normalize == "gated" else gates.shape[0]
+    return jnp.sum(sq) / jnp.maximum(denom, 1)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of logits [B, K] against integer labels [B]."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def total_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    gates: jax.Array,
+    targets: jax.Array,
+    *,
+    target_weight: float,
+    normalize: str = "gated",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """CE + λ·target loss; returns the total and its parts ``{"ce", "target_loss"}``."""
+    ce = cross_entropy(logits, labels)
+    tl = target_rate_loss(gates, targets, normalize=normalize)
+    return ce + target_weight * tl, {"ce": ce, "target_loss": tl}

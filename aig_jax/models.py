@@ -1,0 +1,265 @@
+"""Gated ResNets (CIFAR and ImageNet families) and the model registry.
+
+``build_model("resnet110_cifar", gated=...)`` returns a :class:`ResNet`; calling it returns a
+:class:`ModelOutput` with the logits and the gate decisions of every residual block ([L, B]).
+Static per-block metadata comes from :meth:`ResNet.block_infos` without initialising anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aig_jax.blocks import BasicBlock, Bottleneck, ResidualBlock, batch_norm, conv
+from aig_jax.gates import GATES, GumbelGate, check_gate_mode
+from aig_jax.registry import Registry
+
+CIFAR_WIDTHS = (16, 32, 64)
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ModelOutput(NamedTuple):
+    """What a model returns: logits [B, K] (float32), decisions [L, B], p(execute) [L, B]."""
+
+    logits: jax.Array
+    gates: jax.Array
+    probs: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockInfo:
+    """Static description of one residual block."""
+
+    name: str  # e.g. "stage2_block0"
+    stage: int  # 1-based, like the reference's layer1..layer4
+    index: int  # position within the stage
+    in_features: int
+    features: int
+    out_features: int
+    strides: int
+    gated: bool
+    block_cls: type[ResidualBlock]
+
+    @property
+    def downsampling(self) -> bool:
+        """True for blocks that change resolution or width (projection shortcut)."""
+        return self.block_cls.needs_projection(self.in_features, self.features, self.strides)
+
+
+class ResNet(nn.Module):
+    """A ResNet whose residual blocks may each carry a gate.
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+      block_cls: :class:`BasicBlock`, :class:`Bottleneck` or a fork's block.
+      widths: block width of each stage.
+      stem: "cifar" (3×3 conv) or "imagenet" (7×7/2 conv + 3×3/2 max-pool).
+      num_classes: number of output logits.
+      gated: one flag per block, or one bool for all blocks.
+      gate_cls: the gate module class.
+      dtype: compute dtype; parameters, gates and logits stay float32.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: type[ResidualBlock]
+    widths: Sequence[int]
+    stem: str
+    num_classes: int
+    gated: bool | tuple[bool, ...] = True
+    gate_cls: type[nn.Module] = GumbelGate
+    dtype: Any = jnp.float32
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of residual blocks L."""
+        return int(sum(self.stage_sizes))
+
+    def gated_flags(self) -> tuple[bool, ...]:
+        """One bool per block; raises ``ValueError`` if ``gated`` has the wrong length."""
+        if isinstance(self.gated, bool):
+            return (self.gated,) * self.num_blocks
+        flags = tuple(bool(g) for g in self.gated)
+        if len(flags) != self.num_blocks:
+            raise ValueError(
+                f"gated has {len(flags)} entries but the model has {self.num_blocks} blocks"
+            )
+        return flags
+
+    def block_infos(self) -> tuple[BlockInfo, ...]:
+        """Static metadata of every residual block, in execution order."""
+        if self.stem not in ("cifar", "imagenet"):
+            raise ValueError(f"unknown stem {self.stem!r}; expected 'cifar' or 'imagenet'")
+        if len(self.widths) != len(self.stage_sizes):
+            raise ValueError(f"{len(self.widths)} widths given for {len(self.stage_sizes)} stages")
+        flags = self.gated_flags()
+        infos: list[BlockInfo] = []
+        in_features = self.widths[0]
+        for s, (size, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
+            for b in range(size):
+                strides = 2 if (s > 0 and b == 0) else 1
+                out_features = self.block_cls.out_features_of(width)
+                infos.append(
+                    BlockInfo(
+                        name=f"stage{s + 1}_block{b}",
+                        stage=s + 1,
+                        index=b,
+                        in_features=in_features,
+                        features=width,
+                        out_features=out_features,
+                        strides=strides,
+                        gated=flags[len(infos)],
+                        block_cls=self.block_cls,
+                    )
+                )
+                in_features = out_features
+        return tuple(infos)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        gate_mode: str | None = None,
+        thresholds: jax.Array | None = None,
+    ) -> ModelOutput:
+        """Classify ``x`` [B, H, W, C] (normalised images).
+
+        Args:
+          train: BatchNorm uses batch statistics (and updates ``batch_stats``) when True.
+          gate_mode: "sample" (default when training; needs the ``gumbel`` rng), "argmax"
+            (default otherwise), "open" (every block executes) or "calibrated".
+          thresholds: [L] thresholds on p(execute), required by "calibrated".
+
+        Returns:
+          ModelOutput(logits [B, num_classes], gates [L, B], probs [L, B]).
+        """
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape [B, H, W, C], got shape {x.shape}")
+        mode = gate_mode or ("sample" if train else "argmax")
+        check_gate_mode(mode)
+        infos = self.block_infos()
+        if mode == "calibrated":
+            if thresholds is None or jnp.shape(thresholds) != (len(infos),):
+                raise ValueError(
+                    f"gate mode 'calibrated' needs thresholds of shape ({len(infos)},), got "
+                    f"{None if thresholds is None else jnp.shape(thresholds)}"
+                )
+        x = x.astype(self.dtype)
+        if self.stem == "cifar":
+            x = conv(self.widths[0], 3, 1, "conv1", self.dtype)(x)
+            x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
+        else:
+            x = conv(self.widths[0], 7, 2, "conv1", self.dtype)(x)
+            x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        decisions, probs = [], []
+        for i, info in enumerate(infos):
+            block = self.block_cls(
+                info.features,
+                strides=info.strides,
+                gated=info.gated,
+                gate_cls=self.gate_cls,
+                dtype=self.dtype,
+                name=info.name,
+            )
+            threshold = 0.5 if thresholds is None else thresholds[i]
+            x, gate = block(x, train=train, gate_mode=mode, threshold=threshold)
+            decisions.append(gate.decision)
+            probs.append(gate.prob)
+        x = jnp.mean(x, axis=(1, 2))
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
+        return ModelOutput(logits.astype(jnp.float32), jnp.stack(decisions), jnp.stack(probs))
+
+
+ModelFactory = Callable[..., nn.Module]
+
+#: Backbones by name. A factory takes ``num_classes``, ``gated``, ``gate_cls`` and ``dtype``
+#: keywords and returns a module with ``block_infos()`` whose call returns a ModelOutput.
+MODELS: Registry[ModelFactory] = Registry("model")
+
+#: Default number of classes of each registered name (the dataset it is usually trained on).
+DEFAULT_NUM_CLASSES: dict[str, int] = {}
+
+
+def cifar_resnet(depth: int, **kwargs: Any) -> ResNet:
+    """A CIFAR ResNet of ``depth`` = 6n + 2 (three stages of n basic blocks, widths 16/32/64)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+    n = (depth - 2) // 6
+    kwargs.setdefault("num_classes", 10)
+    return ResNet(
+        stage_sizes=(n, n, n), block_cls=BasicBlock, widths=CIFAR_WIDTHS, stem="cifar", **kwargs
+    )
+
+
+def _register(name: str, factory: ModelFactory, num_classes: int) -> None:
+    MODELS.register(name, factory)
+    DEFAULT_NUM_CLASSES[name] = num_classes
+
+
+for _depth in (8, 14, 20, 32, 44, 56, 110):
+    _register(f"resnet{_depth}_cifar", functools.partial(cifar_resnet, _depth), 10)
+
+for _depth, _block, _sizes in (
+    (18, BasicBlock, (2, 2, 2, 2)),
+    (34, BasicBlock, (3, 4, 6, 3)),
+    (50, Bottleneck, (3, 4, 6, 3)),
+    (101, Bottleneck, (3, 4, 23, 3)),
+    (152, Bottleneck, (3, 8, 36, 3)),
+):
+    _register(
+        f"resnet{_depth}",
+        functools.partial(
+            ResNet,
+            stage_sizes=_sizes,
+            block_cls=_block,
+            widths=IMAGENET_WIDTHS,
+            stem="imagenet",
+        ),
+        1000,
+    )
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    gated: bool | Sequence[bool] = True,
+    gate: str = "gumbel",
+    dtype: str = "float32",
+) -> nn.Module:
+    """Build the registered model ``name``.
+
+    Args:
+      name: a registry name, e.g. "resnet110_cifar" or "resnet50" (see ``MODELS.names()``).
+      num_classes: defaults to the model's usual dataset (10 for CIFAR names, 1000 otherwise).
+      gated: True/False for every block, or one flag per block (``rates < 1`` of a schedule).
+      gate: a name from :data:`aig_jax.gates.GATES`.
+      dtype: "float32" or "bfloat16" compute (parameters stay float32).
+    """
+    factory = MODELS.get(name)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    if num_classes is None:
+        num_classes = DEFAULT_NUM_CLASSES.get(name, 1000)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    flags = gated if isinstance(gated, bool) else tuple(bool(g) for g in gated)
+    model = factory(
+        num_classes=num_classes, gated=flags, gate_cls=GATES.get(gate), dtype=DTYPES[dtype]
+    )
+    model.block_infos()  # validates the gated flags against the depth now, not at first call
+    return model
+
+
+def num_blocks(name: str) -> int:
+    """Number of residual blocks of the registered model ``name``."""
+    return len(MODELS.get(name)(num_classes=1, gated=False).block_infos())

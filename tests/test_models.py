@@ -1,0 +1,107 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aig_jax.models import MODELS, build_model, num_blocks
+from aig_jax.schedules import gated_flags, target_rates
+
+RNGS = {"params": jax.random.key(0), "gumbel": jax.random.key(1)}
+
+
+def _param_count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _abstract_init(model, size):
+    return jax.eval_shape(lambda: model.init(RNGS, jnp.zeros((1, size, size, 3)), train=True))
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "expected"),
+    [
+        ("resnet110_cifar", 32, 1_766_630),
+        ("resnet50", 224, 25_768_264),
+        ("resnet101", 224, 45_040_314),
+    ],
+)
+def test_fully_gated_parameter_counts_equal_the_reference(name, size, expected):
+    assert _param_count(_abstract_init(build_model(name), size)["params"]) == expected
+
+
+@pytest.mark.parametrize("name", sorted(MODELS.names()))
+def test_every_registry_model_traces_with_its_block_metadata(name):
+    model = build_model(name, num_classes=7)
+    out = jax.eval_shape(
+        lambda: model.init_with_output(RNGS, jnp.zeros((2, 32, 32, 3)), train=True)[0]
+    )
+    n = num_blocks(name)
+    assert out.logits.shape == (2, 7) and out.gates.shape == (n, 2) and out.probs.shape == (n, 2)
+    infos = model.block_infos()
+    assert infos[0].name == "stage1_block0" and len(infos) == n
+
+
+@pytest.mark.parametrize("name", ["resnet8_cifar", "resnet18"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_runs_in_both_dtypes(name, dtype):
+    model = build_model(name, num_classes=5, dtype=dtype)
+    x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    variables = model.init(RNGS, x, train=True)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    (out, _) = model.apply(variables, x, train=True, rngs=RNGS, mutable=["batch_stats"])
+    assert out.logits.dtype == jnp.float32 and out.gates.dtype == jnp.float32
+    assert np.isfinite(np.asarray(out.logits)).all()
+    assert set(np.unique(out.gates).tolist()) <= {0.0, 1.0}
+    ev = model.apply(variables, x)  # evaluation: running statistics, argmax gates
+    np.testing.assert_array_equal(ev.gates, (ev.probs > 0.5).astype(np.float32))
+
+
+def _strip_gates(tree):
+    if isinstance(tree, dict):
+        return {k: _strip_gates(v) for k, v in tree.items() if k != "gate"}
+    return tree
+
+
+def test_open_mode_equals_the_ungated_resnet_with_the_same_weights():
+    x = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+    gated = build_model("resnet14_cifar")
+    plain = build_model("resnet14_cifar", gated=False)
+    v = gated.init(RNGS, x, train=True)
+    v["batch_stats"] = jax.tree.map(lambda a: a + 0.3, v["batch_stats"])
+    out = gated.apply(v, x, gate_mode="open")
+    ref = plain.apply(_strip_gates(v), x)
+    np.testing.assert_array_equal(out.logits, ref.logits)
+    np.testing.assert_array_equal(out.gates, 1.0)
+    # Training mode (batch statistics) too.
+    out_t, _ = gated.apply(v, x, train=True, gate_mode="open", mutable=["batch_stats"])
+    ref_t, _ = plain.apply(_strip_gates(v), x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(out_t.logits, ref_t.logits)
+
+
+def test_ungated_blocks_report_one_and_have_no_gate():
+    rates = target_rates("resnet50_reference", 16, 0.5)
+    model = build_model("resnet50", num_classes=3, gated=gated_flags(rates))
+    infos = model.block_infos()
+    assert [i.gated for i in infos] == [r < 1 for r in rates]
+    assert [i.index for i in infos if i.downsampling] == [0, 0, 0, 0]
+    assert [n for n, i in enumerate(infos) if i.downsampling] == [0, 3, 7, 13]
+    variables = _abstract_init(model, 64)
+    for info in infos:
+        assert ("gate" in variables["params"][info.name]) == info.gated
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="unknown model 'resnet51'"):
+        build_model("resnet51")
+    with pytest.raises(ValueError, match="gated has 4 entries but the model has 3 blocks"):
+        build_model("resnet8_cifar", gated=[True] * 4)
+    model = build_model("resnet8_cifar")
+    with pytest.raises(ValueError, match=r"expected images of shape \[B, H, W, C\]"):
+        model.init(RNGS, jnp.zeros((32, 32, 3)))
+    v = model.init(RNGS, jnp.zeros((1, 8, 8, 3)))
+    with pytest.raises(ValueError, match="needs thresholds of shape"):
+        model.apply(v, jnp.zeros((1, 8, 8, 3)), gate_mode="calibrated")
+    with pytest.raises(ValueError, match="unknown dtype 'fp16'"):
+        build_model("resnet8_cifar", dtype="fp16")
+    with pytest.raises(ValueError, match="depth must be 6n\\+2"):
+        MODELS.get("resnet8_cifar").func(9)
