@@ -80,17 +80,24 @@ def write_shard(path, images, labels):
 
 
 def test_npz_concatenates_matching_shards_in_name_order(tmp_path):
-    for name, value in [("d_train_01", 2), ("d_train_00", 1), ("d_test", 3), ("d_trainval", 4)]:
+    # Ten train shards written in shuffled order (directory listing order is arbitrary), plus
+    # files the "train" pattern must not pick up.
+    names = [(f"d_train_{k:02d}", k) for k in np.random.default_rng(0).permutation(10)]
+    names += [("d_test", 20), ("d_trainval", 21), ("train_d", 22), ("d_train_00.npz.bak", 23)]
+    for name, value in names:
         write_shard(
             tmp_path / f"{name}.npz",
             np.full((2, 4, 4, 3), value, np.uint8),
             np.array([value, value], np.uint8),
         )
-    cfg = make_cfg(source="npz", data_dir=str(tmp_path), image_size=4)
-    images, labels = make_source(cfg, "train").read(np.arange(4))
-    np.testing.assert_array_equal(labels, [1, 1, 2, 2])
-    np.testing.assert_array_equal(images[:, 0, 0, 0], [1, 1, 2, 2])
-    assert len(make_source(cfg, "test")) == 2
+    cfg = make_cfg(source="npz", data_dir=str(tmp_path), image_size=4, num_classes=30)
+    train = make_source(cfg, "train")
+    assert len(train) == 20
+    images, labels = train.read(np.arange(20))
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 2))
+    np.testing.assert_array_equal(images[:, 0, 0, 0], np.repeat(np.arange(10), 2))
+    _, test_labels = make_source(cfg, "test").read(np.arange(2))
+    np.testing.assert_array_equal(test_labels, [20, 20])
 
 
 GOOD_IMAGES = np.zeros((4, 8, 8, 3), np.uint8)
