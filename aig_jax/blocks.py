@@ -13,6 +13,7 @@ A fork adds a new block by subclassing :class:`ResidualBlock` and implementing `
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
@@ -64,14 +65,15 @@ class ResidualBlock(nn.Module):
       features: the block's width (bottleneck width for bottleneck blocks).
       strides: spatial stride of the block.
       gated: whether the block has a gate; an ungated block always executes.
-      gate_cls: the gate module class (see :mod:`aig_jax.gates` for its contract).
+      gate_cls: the gate module class, or a ``functools.partial`` of one with options (see
+        :mod:`aig_jax.gates` for the contract).
       dtype: compute dtype of convolutions and BatchNorms (parameters stay float32).
     """
 
     features: int
     strides: int = 1
     gated: bool = True
-    gate_cls: type[nn.Module] = GumbelGate
+    gate_cls: Callable[..., nn.Module] = GumbelGate
     dtype: Any = jnp.float32
 
     expansion: ClassVar[int] = 1

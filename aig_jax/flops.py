@@ -131,11 +131,9 @@ def model_cost(
     """
     if not isinstance(model, ResNet):
         raise TypeError(f"model_cost needs a ResNet (or subclass), got {type(model).__name__}")
-    gate_cost = getattr(model.gate_cls, "cost", None)
+    gate_cost = getattr(model.gate_cls(), "cost", None)
     if gate_cost is None:
-        raise TypeError(
-            f"gate class {model.gate_cls.__name__} has no cost(in_features) classmethod"
-        )
+        raise TypeError(f"gate {model.gate_cls} has no cost(in_features) method")
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(hw) != 2 or min(hw) < 1:
         raise ValueError(f"image_size must be a positive int or (H, W), got {image_size}")

@@ -12,6 +12,7 @@ never need editing::
     out = gate(x, train=..., mode=..., threshold=...)   # x: [B, H, W, C]
     out.decision  # [B] float32, exactly 0.0 or 1.0 (1 = execute the block)
     out.prob      # [B] float32, noise-free p(execute)
+    GateClass().cost(in_features)  # (MACs per image, parameters), for the cost model
 
 Gate computations run in float32 whatever the model's compute dtype, so bf16 training cannot
 flip decisions through rounding.
@@ -19,6 +20,7 @@ flip decisions through rounding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple, get_args
 
 import flax.linen as nn
@@ -146,14 +148,13 @@ class GumbelGate(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
 
-    @classmethod
-    def cost(cls, in_features: int) -> tuple[int, int]:
+    def cost(self, in_features: int) -> tuple[int, int]:
         """(multiply-accumulates per image, parameters) of a gate on ``in_features`` channels.
 
-        Part of the gate contract: :mod:`aig_jax.flops` asks every gate class for its cost.
-        The pooling's additions are not multiply-accumulates and are not counted.
+        Part of the gate contract: :mod:`aig_jax.flops` asks an unbound gate instance for its
+        cost. The pooling's additions are not multiply-accumulates and are not counted.
         """
-        hidden = cls.hidden
+        hidden = self.hidden
         macs = in_features * hidden + hidden * 2
         params = (in_features * hidden + hidden) + 2 * hidden + (hidden * 2 + 2)
         return macs, params
@@ -189,6 +190,6 @@ class GumbelGate(nn.Module):
         return decide(logits, mode, tau=self.tau, threshold=threshold, key=key)
 
 
-#: Gates by name: ``model.gate`` in a config picks one; forks add theirs with ``GATES.register``.
-GATES: Registry[type[nn.Module]] = Registry("gate")
+#: Gates by name: ``config.gate`` picks one; forks add theirs with ``GATES.register``.
+GATES: Registry[Callable[..., nn.Module]] = Registry("gate")
 GATES.register("gumbel", GumbelGate)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -73,7 +73,7 @@ class ResNet(nn.Module):
     stem: str
     num_classes: int
     gated: bool | tuple[bool, ...] = True
-    gate_cls: type[nn.Module] = GumbelGate
+    gate_cls: Callable[..., nn.Module] = GumbelGate
     dtype: Any = jnp.float32
 
     @property
@@ -234,6 +234,7 @@ def build_model(
     num_classes: int | None = None,
     gated: bool | Sequence[bool] = True,
     gate: str = "gumbel",
+    gate_options: Mapping[str, Any] | None = None,
     dtype: str = "float32",
 ) -> nn.Module:
     """Build the registered model ``name``.
@@ -243,6 +244,7 @@ def build_model(
       num_classes: defaults to the model's usual dataset (10 for CIFAR names, 1000 otherwise).
       gated: True/False for every block, or one flag per block (``rates < 1`` of a schedule).
       gate: a name from :data:`aig_jax.gates.GATES`.
+      gate_options: keyword arguments of the gate class, e.g. ``{"tau": 1.0}``.
       dtype: "float32" or "bfloat16" compute (parameters stay float32).
     """
     factory = MODELS.get(name)
@@ -253,9 +255,10 @@ def build_model(
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     flags = gated if isinstance(gated, bool) else tuple(bool(g) for g in gated)
-    model = factory(
-        num_classes=num_classes, gated=flags, gate_cls=GATES.get(gate), dtype=DTYPES[dtype]
-    )
+    gate_cls = GATES.get(gate)
+    if gate_options:
+        gate_cls = functools.partial(gate_cls, **gate_options)
+    model = factory(num_classes=num_classes, gated=flags, gate_cls=gate_cls, dtype=DTYPES[dtype])
     model.block_infos()  # validates the gated flags against the depth now, not at first call
     return model
 

@@ -1,0 +1,106 @@
+"""Everything needed to rebuild a model: stored in every checkpoint and derived from a config.
+
+A :class:`ModelSpec` is the bridge between configs, checkpoints, evaluation and conversion:
+``ModelSpec.from_config(config).build()`` gives the model that trains, and the same spec read
+back from a checkpoint's metadata rebuilds it for evaluation, wherever it was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+
+from aig_jax.models import build_model, num_blocks
+from aig_jax.schedules import gated_flags, target_rates
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A registered model plus its per-block target rates (rate 1 = ungated block)."""
+
+    name: str
+    num_classes: int
+    rates: tuple[float, ...]
+    gate: str = "gumbel"
+    gate_options: tuple[tuple[str, Any], ...] = ()
+    dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelSpec:
+        """Resolve ``config.model``, ``config.target_schedule``/``target_rate``/``target_rates``.
+
+        An explicit ``config.target_rates`` list wins over the named schedule.
+        """
+        n = num_blocks(config.model)
+        explicit = config.get("target_rates")
+        schedule = list(explicit) if explicit else config.target_schedule
+        rates = target_rates(schedule, n, float(config.target_rate))
+        options = config.get("gate_options") or {}
+        return cls(
+            name=config.model,
+            num_classes=int(config.dataset.num_classes),
+            rates=rates,
+            gate=config.get("gate", "gumbel"),
+            gate_options=tuple(sorted(dict(options).items())),
+            dtype=config.get("dtype", "float32"),
+        )
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelSpec:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            name=data["name"],
+            num_classes=int(data["num_classes"]),
+            rates=tuple(float(r) for r in data["rates"]),
+            gate=data.get("gate", "gumbel"),
+            gate_options=tuple(sorted(dict(data.get("gate_options", {})).items())),
+            dtype=data.get("dtype", "float32"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "rates": list(self.rates),
+            "gate": self.gate,
+            "gate_options": dict(self.gate_options),
+            "dtype": self.dtype,
+        }
+
+    @property
+    def gated(self) -> tuple[bool, ...]:
+        """One flag per block: gated where the target rate is below 1."""
+        return gated_flags(self.rates)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """[L] float32 target rates, for the target-rate loss."""
+        return np.asarray(self.rates, np.float32)
+
+    def build(self, dtype: str | None = None) -> nn.Module:
+        """The Flax model (optionally with another compute dtype, e.g. for evaluation)."""
+        return build_model(
+            self.name,
+            num_classes=self.num_classes,
+            gated=self.gated,
+            gate=self.gate,
+            gate_options=dict(self.gate_options),
+            dtype=dtype or self.dtype,
+        )
+
+    def mismatch(self, other: ModelSpec) -> str | None:
+        """Why ``other``'s weights cannot be loaded into this model, or None if they can.
+
+        Weights are compatible when the architecture, class count, gate and set of gated
+        blocks agree; target rates and compute dtype may differ.
+        """
+        for field in ("name", "num_classes", "gate", "gated"):
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine != theirs:
+                return f"{field} differs: {theirs!r} in the checkpoint, {mine!r} in the config"
+        return None
