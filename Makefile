@@ -24,7 +24,7 @@ test: lint
 	$(PY) -m pytest -q -n 2
 
 demo: install
-	$(PY) train.py --config configs/digits_demo.py --workdir workdirs/digits_demo
+	$(PY) train.py --config configs/tiny.py --workdir workdirs/tiny
 
 bench: install
 	$(PY) bench/bench.py --small

@@ -30,7 +30,7 @@ def _abstract(tree: Any) -> Any:
 
 
 class Checkpointer:
-    """Saves every ``save_interval_steps`` steps (or when forced); keeps the last ``max_to_keep``.
+    """Saves when asked and keeps the last ``max_to_keep`` checkpoints.
 
     Every process must call :meth:`save` and :meth:`restore` (Orbax coordinates them).
     """
@@ -40,13 +40,11 @@ class Checkpointer:
         directory: str,
         *,
         max_to_keep: int = 3,
-        save_interval_steps: int = 1000,
         async_save: bool = True,
     ) -> None:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -68,25 +66,22 @@ class Checkpointer:
         variables: Mapping[str, Any],
         opt_state: Any,
         meta: Mapping[str, Any],
-        *,
-        force: bool = False,
-    ) -> bool:
-        """Save ``variables`` ({"params", "batch_stats"}), ``opt_state`` and ``meta`` at ``step``.
+    ) -> None:
+        """Start saving ``variables`` ({"params", "batch_stats"}), ``opt_state`` and ``meta``.
 
-        Returns whether a save was started (the interval policy may skip it unless ``force``).
+        The save completes in the background; :meth:`wait_until_finished` or :meth:`close`
+        waits for it.
         """
-        return bool(
-            self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                    **{
-                        MODEL: ocp.args.StandardSave(dict(variables)),
-                        OPT: ocp.args.StandardSave({"opt_state": opt_state}),
-                        META: ocp.args.JsonSave(dict(meta)),
-                    }
-                ),
-                force=force,
-            )
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    MODEL: ocp.args.StandardSave(dict(variables)),
+                    OPT: ocp.args.StandardSave({"opt_state": opt_state}),
+                    META: ocp.args.JsonSave(dict(meta)),
+                }
+            ),
+            force=True,
         )
 
     def restore(

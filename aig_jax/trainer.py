@@ -1,0 +1,270 @@
+"""``train_and_evaluate``: the training loop behind ``train.py``.
+
+One jit-compiled step over a ``('data',)`` mesh; auto-resume from the newest checkpoint in the
+workdir; a checkpoint every ``checkpoint_every_steps``, at the end, and on SIGTERM/SIGINT;
+metrics fetched from the device once per logging interval; periodic evaluation with per-block
+and per-class gate execution rates.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from aig_jax import checkpoint, gate_stats, plots
+from aig_jax.config_checks import validate_config
+from aig_jax.data import (
+    eval_iterator,
+    make_source,
+    num_eval_batches,
+    steps_per_epoch,
+    train_iterator,
+)
+from aig_jax.evaluation import predict, summarize
+from aig_jax.flops import model_cost
+from aig_jax.metrics_writer import MetricsWriter
+from aig_jax.model_spec import ModelSpec
+from aig_jax.sharding import check_batch_size, make_mesh, replicated, shard_batch
+from aig_jax.steps import make_eval_step, make_train_step
+from aig_jax.train_state import (
+    TrainState,
+    create_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+)
+
+
+class _StopOnSignal:
+    """Turns the first SIGTERM/SIGINT into a flag, so the loop can checkpoint and exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        logging.warning("signal %d: saving a checkpoint before exiting", signum)
+        self.requested = True
+        signal.signal(signum, self._previous[signum])  # a second signal acts as usual
+
+    def __enter__(self) -> _StopOnSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _meta(spec: ModelSpec, config: Any, step: int, steps_per_epoch_: int) -> dict[str, Any]:
+    return {
+        "model": spec.to_json(),
+        "config": config.to_dict(),
+        "step": step,
+        "epoch": step / steps_per_epoch_,
+    }
+
+
+def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, Any]:
+    fetched = jax.device_get(pending)
+    return {k: np.mean([m[k] for m in fetched], axis=0) for k in fetched[0]}
+
+
+def _restore_or_init(
+    ckpt: checkpoint.Checkpointer, state: TrainState, spec: ModelSpec, config: Any
+) -> TrainState:
+    """Resume from the newest checkpoint, else start from ``config.init_from``, else ``state``."""
+    if ckpt.latest_step() is not None:
+        variables, opt_state, meta = ckpt.restore(state.variables, state.opt_state)
+        problem = spec.mismatch(ModelSpec.from_json(meta["model"]))
+        if problem:
+            raise checkpoint.CheckpointError(
+                f"the checkpoint in {ckpt.directory} is for another model: {problem}"
+            )
+        logging.info("resuming from step %d in %s", meta["step"], ckpt.directory)
+        step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state.step.sharding)
+        return TrainState(step, variables["params"], variables["batch_stats"], opt_state)
+    if config.get("init_from"):
+        meta, directory, step = checkpoint.read_meta(config.init_from)
+        problem = spec.mismatch(ModelSpec.from_json(meta["model"]))
+        if problem:
+            raise checkpoint.CheckpointError(f"init_from {config.init_from}: {problem}")
+        variables = checkpoint.load_variables(directory, step, state.variables)
+        logging.info("initialised from %s (step %d)", directory, step)
+        return TrainState(
+            state.step, variables["params"], variables["batch_stats"], state.opt_state
+        )
+    return state
+
+
+def _evaluate(
+    *,
+    eval_step: Any,
+    state: TrainState,
+    config: Any,
+    mesh: jax.sharding.Mesh,
+    spec: ModelSpec,
+    cost: Any,
+    eval_source: Any,
+    step: int,
+    writer: MetricsWriter,
+    workdir: str,
+) -> dict[str, Any]:
+    """Evaluate the current state in every ``config.eval_gate_modes``; log and plot."""
+    results = {}
+    batch = config.eval_batch_size
+    modes = config.eval_gate_modes if any(spec.gated) else ("argmax",)
+    for mode in modes:
+        batches = eval_iterator(
+            eval_source, config.dataset, global_batch=batch, limit=config.get("eval_limit")
+        )
+        preds = predict(
+            eval_step,
+            state.variables,
+            batches,
+            mesh,
+            gate_mode=mode,
+            key=jax.random.key(config.seed + 7),
+            num_layers=len(spec.rates),
+            total=num_eval_batches(len(eval_source), batch, config.get("eval_limit")),
+            desc=f"eval {mode}",
+        )
+        summary = summarize(preds, cost, spec.num_classes)
+        matrix = gate_stats.class_layer_rates(preds.gates, preds.labels, spec.num_classes)
+        if writer.enabled:
+            out = os.path.join(workdir, "gates")
+            os.makedirs(out, exist_ok=True)
+            base = os.path.join(out, f"class_layer_{mode}_step{step}")
+            np.save(base + ".npy", matrix)
+            plots.class_layer_heatmap(
+                matrix,
+                base + ".png",
+                block_names=[b.name for b in cost.blocks],
+                ungated=[not g for g in spec.gated],
+                title=f"execution rate per class and block ({mode} gates, step {step})",
+            )
+        writer.write(step, "eval", {"gate_mode": mode, **summary})
+        results[mode] = summary
+    return results
+
+
+def _batches(config: Any, source: Any, start: int, total: int) -> Iterator[dict[str, Any]]:
+    return train_iterator(
+        source,
+        config.dataset,
+        global_batch=config.batch_size,
+        seed=config.seed,
+        start_step=start,
+        num_steps=total - start,
+        num_threads=config.get("data_threads", 8),
+    )
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+    """Train the model of ``config`` in ``workdir``, resuming if it holds a checkpoint.
+
+    Returns the last evaluation's summary per gate mode (``{mode: {...}}``).
+    """
+    validate_config(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(config.get("num_devices") or None)
+    check_batch_size(config.batch_size, mesh)
+    spec = ModelSpec.from_config(config)
+    model = spec.build()
+    train_source = make_source(config.dataset, config.dataset.train_split)
+    eval_source = make_source(config.dataset, config.dataset.eval_split)
+    spe = steps_per_epoch(len(train_source), config.batch_size)
+    total = config.num_train_steps if config.num_train_steps > 0 else round(config.num_epochs * spe)
+    eval_every = max(1, round(config.eval_every_epochs * spe))
+    size = config.dataset.image_size
+    cost = model_cost(model, size)
+    schedule = learning_rate_schedule(config, spe)
+    tx = make_optimizer(config, spe)
+    writer = MetricsWriter(workdir, tensorboard=config.get("tensorboard", True))
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+    )
+    results: dict[str, Any] = {}
+    with jax.set_mesh(mesh), _StopOnSignal() as stop:
+        init = functools.partial(create_train_state, model, tx, (size, size, 3), config.seed)
+        state = jax.jit(init, out_shardings=replicated(mesh))()
+        state = _restore_or_init(ckpt, state, spec, config)
+        start = int(state.step)
+        train_step = make_train_step(
+            model,
+            tx,
+            spec.targets,
+            target_weight=config.target_weight,
+            normalize=config.target_loss_normalize,
+            learning_rate=schedule,
+        )
+        eval_step = make_eval_step(model, mesh)
+        evaluate = functools.partial(
+            _evaluate,
+            eval_step=eval_step,
+            config=config,
+            mesh=mesh,
+            spec=spec,
+            cost=cost,
+            eval_source=eval_source,
+            writer=writer,
+            workdir=workdir,
+        )
+        key = jax.device_put(jax.random.key(config.seed), replicated(mesh))
+        logging.info(
+            "%s: %d blocks (%d gated), %d steps (%d per epoch), batch %d on %d devices",
+            spec.name, len(spec.rates), sum(spec.gated), total, spe, config.batch_size,
+            mesh.devices.size,
+        )  # fmt: skip
+        pending: list[dict[str, jax.Array]] = []
+        step = start
+        tick, tick_step = time.perf_counter(), start
+        show = jax.process_index() == 0 and config.get("progress", True)
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not show)
+        for local in _batches(config, train_source, start, total):
+            state, metrics = train_step(state, shard_batch(local, mesh), key)
+            pending.append(metrics)
+            step += 1
+            bar.update(1)
+            if step % config.log_every_steps == 0 or step == total or stop.requested:
+                summary = _mean_metrics(pending)
+                pending = []
+                now = time.perf_counter()
+                summary["images_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
+                summary["epoch"] = step / spe
+                tick, tick_step = now, step
+                writer.write(step, "train", summary)
+                bar.set_postfix(
+                    loss=f"{summary['loss']:.3f}",
+                    acc=f"{summary['accuracy']:.3f}",
+                    exec=f"{np.mean(summary['gate_rates']):.2f}",
+                    img_s=f"{summary['images_per_sec']:.0f}",
+                )
+            if step % eval_every == 0 or step == total:
+                results = evaluate(state=state, step=step)
+            if step % config.checkpoint_every_steps == 0 or step == total or stop.requested:
+                ckpt.save(step, state.variables, state.opt_state, _meta(spec, config, step, spe))
+            if stop.requested:
+                break
+        bar.close()
+        ckpt.close()
+    writer.close()
+    if stop.requested:
+        logging.warning("stopped at step %d; rerun the same command to resume", step)
+    return results
