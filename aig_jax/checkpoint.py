@@ -120,6 +120,11 @@ class Checkpointer:
         self._manager.close()
 
 
+def _shorten(text: str, limit: int = 400) -> str:
+    """Orbax errors can print whole pytrees; keep the start."""
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _unreadable(directory: str, step: int, steps: list[int], err: Exception) -> CheckpointError:
     earlier = [s for s in steps if s < step]
     hint = (
@@ -129,7 +134,7 @@ def _unreadable(directory: str, step: int, steps: list[int], err: Exception) -> 
     )
     return CheckpointError(
         f"checkpoint at step {step} in {directory} could not be restored "
-        f"({type(err).__name__}: {err}){hint}"
+        f"({type(err).__name__}: {_shorten(str(err))}){hint}"
     )
 
 

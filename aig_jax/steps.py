@@ -86,7 +86,7 @@ def make_train_step(
             "target_loss": parts["target_loss"],
             "accuracy": jnp.mean(jnp.argmax(out.logits, -1) == batch["label"]),
             "gate_rates": jnp.mean(out.gates, axis=1),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         if learning_rate is not None:
             metrics["lr"] = jnp.asarray(learning_rate(state.step), jnp.float32)

@@ -89,13 +89,15 @@ def _restore_or_init(
     ckpt: checkpoint.Checkpointer, state: TrainState, spec: ModelSpec, config: Any
 ) -> TrainState:
     """Resume from the newest checkpoint, else start from ``config.init_from``, else ``state``."""
-    if ckpt.latest_step() is not None:
-        variables, opt_state, meta = ckpt.restore(state.variables, state.opt_state)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        meta, _, _ = checkpoint.read_meta(os.path.join(ckpt.directory, str(latest)))
         problem = spec.mismatch(ModelSpec.from_json(meta["model"]))
         if problem:
             raise checkpoint.CheckpointError(
                 f"the checkpoint in {ckpt.directory} is for another model: {problem}"
             )
+        variables, opt_state, meta = ckpt.restore(state.variables, state.opt_state, latest)
         logging.info("resuming from step %d in %s", meta["step"], ckpt.directory)
         step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state.step.sharding)
         return TrainState(step, variables["params"], variables["batch_stats"], opt_state)
@@ -143,6 +145,7 @@ def _evaluate(
             num_layers=len(spec.rates),
             total=num_eval_batches(len(eval_source), batch, config.get("eval_limit")),
             desc=f"eval {mode}",
+            progress=config.get("progress", True),
         )
         summary = summarize(preds, cost, spec.num_classes)
         matrix = gate_stats.class_layer_rates(preds.gates, preds.labels, spec.num_classes)

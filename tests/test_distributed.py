@@ -1,0 +1,66 @@
+"""Two processes (``jax.distributed`` on localhost, 4 CPU devices each) train like one with 8."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from aig_jax.metrics_writer import read_metrics
+from aig_jax.trainer import train_and_evaluate
+from tests.test_train import REPO, assert_trees_close, restore_state, small_config
+
+
+def distributed_config():
+    """Three steps on 8 devices, batch 16 (2 images per device), evaluation at the end."""
+    return small_config(num_devices=0, num_train_steps=3, eval_limit=40)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_the_parameters_of_one(tmp_path):
+    workdir = str(tmp_path / "two")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": REPO}
+    worker = os.path.join(REPO, "tests", "distributed_worker.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(i), str(port), workdir],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        outputs.append(out.decode())
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-4000:]
+    two_errors = [float(o.split("top1_error")[-1].split()[0]) for o in outputs]
+    assert two_errors[0] == two_errors[1]  # every process sees the whole evaluation
+
+    one = str(tmp_path / "one")
+    results = train_and_evaluate(distributed_config(), one)
+    assert results["argmax"]["num_examples"] == 40
+    config = distributed_config()
+    two_vars, two_opt, two_meta = restore_state(workdir, config)
+    one_vars, one_opt, one_meta = restore_state(one, config)
+    assert two_meta["step"] == one_meta["step"] == 3
+    assert_trees_close(two_vars, one_vars, atol=2e-5)
+    assert_trees_close(two_opt, one_opt, atol=2e-5)
+    np.testing.assert_allclose(two_errors[0], results["argmax"]["top1_error"], atol=1e-6)
+    two_losses = [m["loss"] for m in read_metrics(workdir, "train")]
+    one_losses = [m["loss"] for m in read_metrics(one, "train")]
+    np.testing.assert_allclose(two_losses, one_losses, rtol=1e-5)
