@@ -1,7 +1,8 @@
 """Train ConvNet-AIG (or a plain ResNet) from an ml_collections config.
 
     python train.py --config configs/cifar10_resnet110_aig.py --workdir workdirs/aig110 \
-        [--config.target_rate=0.5] [--multihost]
+        [--config.target_rate=0.5] [--multihost [--coordinator_address=HOST:PORT
+        --num_processes=N --process_id=I]]
 
 Rerunning the same command resumes from the newest checkpoint in ``--workdir``.
 """
@@ -17,6 +18,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (one process per host)."
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (auto-detected on TPU pods and SLURM)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (--multihost).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (--multihost).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +32,7 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 shows it
     if _MULTIHOST.value:
-        jax.distributed.initialize()
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info(
         "JAX %s on %d %s devices", jax.__version__, jax.device_count(), jax.default_backend()
     )

@@ -456,3 +456,44 @@ def test_digits_source_is_a_stratified_split_of_all_1797_digits():
     np.testing.assert_array_equal(labels, y_test)
     with pytest.raises(ValueError, match=r"digits split must be one of .* got 'validation'"):
         make_source(cfg, "validation")
+
+
+# ------------------------------------------------------------------ CIFAR-10 python archive
+
+
+def test_cifar_python_archive_becomes_npz_shards_the_source_reads(tmp_path):
+    import io
+    import pickle
+    import tarfile
+
+    from aig_jax.data.cifar_archive import convert
+
+    rng = np.random.default_rng(0)
+    batches = {}
+    path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)  # rows: R plane, G, B
+            labels = rng.integers(0, 10, 4).tolist()
+            batches[name] = (data, labels)
+            blob = pickle.dumps({b"data": data, b"labels": labels})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    convert(str(path), str(tmp_path / "out"))
+    cfg = make_cfg(source="npz", data_dir=str(tmp_path / "out"))
+    train = make_source(cfg, "train")
+    assert len(train) == 20
+    images, labels = train.read(np.arange(20))
+    data, expected = batches["data_batch_2"]
+    # image 1 of batch 2 is example 5; pixel (row 0, col 1) channel c is data[1, c * 1024 + 1]
+    np.testing.assert_array_equal(images[5, 0, 1], data[1, [1, 1025, 2049]])
+    np.testing.assert_array_equal(labels[4:8], expected)
+    test_images, _ = make_source(cfg, "test").read(np.arange(4))
+    np.testing.assert_array_equal(
+        test_images[3].transpose(2, 0, 1).reshape(-1), batches["test_batch"][0][3]
+    )
+    with tarfile.open(tmp_path / "empty.tar.gz", "w:gz"):
+        pass
+    with pytest.raises(FileNotFoundError, match="data_batch_1.*not a CIFAR-10 python archive"):
+        convert(str(tmp_path / "empty.tar.gz"), str(tmp_path / "none"))
