@@ -495,5 +495,5 @@ def test_cifar_python_archive_becomes_npz_shards_the_source_reads(tmp_path):
     )
     with tarfile.open(tmp_path / "empty.tar.gz", "w:gz"):
         pass
-    with pytest.raises(FileNotFoundError, match="data_batch_1.*not a CIFAR-10 python archive"):
+    with pytest.raises(FileNotFoundError, match=r"data_batch_1.*not a CIFAR-10 python archive"):
         convert(str(tmp_path / "empty.tar.gz"), str(tmp_path / "none"))
