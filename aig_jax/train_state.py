@@ -91,14 +91,12 @@ def create_train_state(
     tx: optax.GradientTransformation,
     image_shape: tuple[int, ...],
     seed: int,
-    variables: dict[str, Any] | None = None,
 ) -> TrainState:
-    """A fresh TrainState (step 0) from ``seed``, or from given ``variables``.
+    """A fresh TrainState (step 0) with variables initialised from ``seed``.
 
     Call it inside ``jax.jit(..., out_shardings=...)`` to create the state directly sharded.
     """
-    if variables is None:
-        variables = init_variables(model, image_shape, seed)
+    variables = init_variables(model, image_shape, seed)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
