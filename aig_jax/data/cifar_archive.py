@@ -22,12 +22,13 @@ TEST_BATCH = "test_batch"
 
 def read_batch(archive: tarfile.TarFile, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 [N, 32, 32, 3] and labels uint8 [N] of one pickled batch in ``archive``."""
+    where = os.fsdecode(archive.name or "the archive")
     member = next((m for m in archive.getmembers() if os.path.basename(m.name) == name), None)
     if member is None:
-        raise FileNotFoundError(f"{name!r} is not in {archive.name}: not a CIFAR-10 python archive")
+        raise FileNotFoundError(f"{name!r} is not in {where}: not a CIFAR-10 python archive")
     handle = archive.extractfile(member)
     if handle is None:
-        raise FileNotFoundError(f"{member.name!r} in {archive.name} is not a regular file")
+        raise FileNotFoundError(f"{member.name!r} in {where} is not a regular file")
     batch = pickle.load(handle, encoding="bytes")
     images = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), np.asarray(batch[b"labels"], np.uint8)
