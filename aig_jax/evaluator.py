@@ -139,7 +139,7 @@ class _Evaluator:
         """Predictions of one pass over ``source`` (default: the evaluation split)."""
         source = self.source if source is None else source
         limit = self.options.limit if limit is None else limit
-        dataset = dataset or self.restored.config.dataset
+        dataset = self.restored.config.dataset if dataset is None else dataset
         return predict(
             self.eval_step,
             self.restored.variables,
@@ -183,13 +183,22 @@ class _Evaluator:
 
     def robustness(self, mode: str, thresholds: np.ndarray | None) -> dict[str, Any]:
         """Accuracy (%) and per-block rates under attack at ε = 0 and each option epsilon,
-        on the attacked images and on their JPEG-compressed versions."""
+        on the attacked images and on their JPEG-compressed versions.
+
+        ε = 0 goes through the same attack and rounding (a no-op on uint8 pixels), so the
+        clean row is computed exactly like the attacked ones. The attacked split is held in
+        host memory as uint8 (N·S·S·3 bytes; use ``limit`` on large splits).
+        """
         opts, config = self.options, self.restored.config
         ds = config.dataset
         step = make_attack_step(
-            self.restored.model, self.mesh, tuple(ds.mean), tuple(ds.std),
-            gate_mode=mode, steps=opts.attack_steps,
-        )  # fmt: skip
+            self.restored.model,
+            self.mesh,
+            tuple(ds.mean),
+            tuple(ds.std),
+            gate_mode=mode,
+            steps=opts.attack_steps,
+        )
         thr = jnp.full((len(self.restored.spec.rates),), 0.5) if thresholds is None else thresholds
         plain = ml_collections.ConfigDict(ds.to_dict())
         plain.preprocess = "none"  # the attacked pixels are already cropped to image_size
