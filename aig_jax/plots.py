@@ -89,9 +89,15 @@ def histograms(
     reference: tuple[str, float] | None = None,
 ) -> None:
     """Overlaid histograms of the 1-D arrays in ``values`` ({label: [N]}), e.g. executed
-    blocks or realised GMACs per image; ``reference`` = (label, x) draws a vertical line."""
+    blocks or realised GMACs per image; an int ``bins`` spans all arrays together.
+    ``reference`` = (label, x) draws a vertical line."""
     fig = Figure(figsize=(6.0, 3.5))
     ax = fig.subplots()
+    if isinstance(bins, int):  # shared edges, so that the histograms are comparable
+        every = np.concatenate([np.ravel(v) for v in values.values()]).astype(np.float64)
+        lo, hi = float(every.min()), float(every.max())
+        pad = 0.02 * (hi - lo) or 0.01 * abs(hi) or 0.5
+        bins = list(np.linspace(lo - pad, hi + pad, bins + 1))
     for label, v in values.items():
         ax.hist(np.asarray(v, np.float64), bins=bins, alpha=0.6, label=label)
     if reference is not None:
