@@ -8,6 +8,7 @@ evaluation report.
 from __future__ import annotations
 
 import numpy as np
+from scipy.cluster import hierarchy
 
 
 def layer_rates(gates: np.ndarray) -> np.ndarray:
@@ -51,3 +52,42 @@ def top_classes_per_layer(matrix: np.ndarray, k: int = 3) -> tuple[np.ndarray, n
     most = np.argsort(-filled_hi, axis=0, kind="stable")[:k].T
     least = np.argsort(filled_lo, axis=0, kind="stable")[:k].T
     return most, least
+
+
+def cluster_order(matrix: np.ndarray) -> np.ndarray:
+    """[K] order of the rows of a [K, L] class × block matrix that groups similar classes.
+
+    Average-linkage hierarchical clustering (scipy) on the Euclidean distance between rows;
+    the leaves of the dendrogram, left to right, put classes with similar gate patterns next
+    to each other. Missing entries (NaN: a class without images) count as the block's mean.
+    """
+    matrix = np.asarray(matrix, np.float64)
+    if matrix.shape[0] < 3:
+        return np.arange(matrix.shape[0])
+    known = ~np.isnan(matrix)
+    col_mean = np.where(known, matrix, 0.0).sum(axis=0) / np.maximum(known.sum(axis=0), 1)
+    filled = np.where(known, matrix, col_mean[None, :])
+    tree = hierarchy.linkage(filled, method="average", metric="euclidean")
+    return np.asarray(hierarchy.leaves_list(hierarchy.optimal_leaf_ordering(tree, filled)))
+
+
+def by_executed_count(
+    gates: np.ndarray, correct: np.ndarray, confidence: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Accuracy and confidence of the images grouped by how many blocks they executed.
+
+    ``gates`` [N, L], ``correct`` [N] bool, ``confidence`` [N]. Returns ``count`` [L + 1]
+    (images per number of executed blocks), and ``accuracy`` and ``confidence`` [L + 1]
+    (means over those images; NaN where there are none).
+    """
+    executed = executed_counts(gates)
+    n = gates.shape[1] + 1
+    count = np.bincount(executed, minlength=n).astype(np.float64)
+    hits = np.bincount(executed, weights=np.asarray(correct, np.float64), minlength=n)
+    conf = np.bincount(executed, weights=np.asarray(confidence, np.float64), minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "count": count.astype(np.int64),
+            "accuracy": hits / count,
+            "confidence": conf / count,
+        }

@@ -137,12 +137,14 @@ def eval_iterator(
     process_count: int | None = None,
     num_threads: int = 8,
     prefetch: int = 4,
+    normalised: bool = True,
 ) -> Iterator[Batch]:
     """This process's share of examples 0 … M-1 in order, M = min(limit, N), each once.
 
     Yields ``num_eval_batches(N, global_batch, limit)`` batches of ``{"image": float32 [b, S,
     S, 3], "label": int32 [b], "mask": bool [b], "index": int64 [b]}``; rows past M (only in
     the last global batch) are padding with mask False, label 0, index -1 and a zero image.
+    ``normalised=False`` yields the uint8 pixels instead of the normalised image.
     """
     count = _eval_count(len(source), limit)
     p, b = _process_share(global_batch, process_index, process_count)
@@ -152,11 +154,11 @@ def eval_iterator(
         index = k * global_batch + p * b + np.arange(b, dtype=np.int64)
         mask = index < count
         valid = int(mask.sum())  # the valid rows are a prefix
-        image = np.zeros((b, s, s, 3), np.float32)
+        image = np.zeros((b, s, s, 3), np.float32 if normalised else np.uint8)
         label = np.zeros(b, np.int32)
         if valid:
             images, labels = source.read(index[:valid])
-            image[:valid] = eval_transform(images, cfg)
+            image[:valid] = eval_transform(images, cfg, normalised=normalised)
             label[:valid] = labels
         return {"image": image, "label": label, "mask": mask, "index": np.where(mask, index, -1)}
 

@@ -58,22 +58,25 @@ def train_transform(
     kind = _kind(cfg)
     if kind == "cifar":
         params = _slice(_cifar_params(rng, total, cfg), offset, n)
-        return _normalise(_cifar_train(_fixed_size(images, cfg), params, cfg), cfg)
+        return normalise(_cifar_train(_fixed_size(images, cfg), params, cfg), cfg)
     if kind == "imagenet":
         params = _slice(_imagenet_params(rng, total, cfg), offset, n)
-        return _normalise(_imagenet_train(images, params, cfg.image_size), cfg)
-    return _normalise(_fixed_size(images, cfg), cfg)
+        return normalise(_imagenet_train(images, params, cfg.image_size), cfg)
+    return normalise(_fixed_size(images, cfg), cfg)
 
 
-def eval_transform(images: Images, cfg: Any) -> np.ndarray:
+def eval_transform(images: Images, cfg: Any, *, normalised: bool = True) -> np.ndarray:
     """Deterministic eval preprocessing of uint8 ``images`` (as for :func:`train_transform`).
 
-    Returns float32 [n, S, S, 3].
+    Returns float32 [n, S, S, 3], or with ``normalised=False`` the uint8 [n, S, S, 3] pixels
+    before normalisation (what adversarial attacks and JPEG compression work on).
     """
     if _kind(cfg) == "imagenet":
         s = cfg.image_size
-        return _normalise(np.stack([_resize_centre_crop(_rgb(im), s) for im in images]), cfg)
-    return _normalise(_fixed_size(images, cfg), cfg)
+        pixels = np.stack([_resize_centre_crop(_rgb(im), s) for im in images])
+    else:
+        pixels = _fixed_size(images, cfg)
+    return normalise(pixels, cfg) if normalised else pixels
 
 
 def _kind(cfg: Any) -> str:
@@ -113,8 +116,9 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def _normalise(images: np.ndarray, cfg: Any) -> np.ndarray:
-    """``(images / 255 - mean) / std`` per channel: uint8 [n, H, W, 3] → float32 [n, H, W, 3]."""
+def normalise(images: np.ndarray, cfg: Any) -> np.ndarray:
+    """``(images / 255 - mean) / std`` per channel: [n, H, W, 3] pixels in 0–255 (uint8 or
+    float) → float32 [n, H, W, 3]; ``cfg.mean``/``cfg.std`` are on the 0–1 scale."""
     mean = np.asarray(cfg.mean, np.float32)
     std = np.asarray(cfg.std, np.float32)
     if mean.shape != (3,) or std.shape != (3,) or not (std > 0).all():
