@@ -107,7 +107,9 @@ def decide(
     through, so attacks can differentiate through them.
     """
     check_gate_mode(mode)
-    prob = jax.nn.softmax(logits.astype(jnp.float32) / tau, axis=-1)[:, 1]
+    # p(execute) = softmax(logits)[1] is the probability that a hard Gumbel sample executes at
+    # any temperature (τ only shapes the straight-through gradient).
+    prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, 1]
     if mode == "sample":
         if key is None:
             raise ValueError("gate mode 'sample' needs a PRNG key (the 'gumbel' rng stream)")
