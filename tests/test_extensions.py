@@ -7,6 +7,7 @@ end-to-end test trains a step through ``train_and_evaluate`` with all four at on
 
 import configparser
 import functools
+import math
 import os
 import threading
 from typing import Any, ClassVar
@@ -167,6 +168,7 @@ def fork_config():
     c.log_every_steps = 1
     c.eval_every_epochs = 1000.0
     c.eval_gate_modes = ("argmax",)
+    c.num_devices = 2  # sharded, as on a multi-device host, but cheap to compile on a CPU
     c.data_threads = 1
     c.progress = False
     c.tensorboard = False
@@ -174,31 +176,40 @@ def fork_config():
 
 
 def param_count(tree: Any) -> int:
-    return sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def test_custom_gate_decides_by_mode_and_declares_its_cost():
-    model = build_model("resnet8_cifar", gate="sigmoid_test", gate_options={"hidden": 4})
-    x = jax.random.normal(jax.random.key(0), (6, IMAGE_SIZE, IMAGE_SIZE, 3))
-    variables = init_variables(model, (IMAGE_SIZE, IMAGE_SIZE, 3), seed=0)
-    gate_params = variables["params"]["stage1_block0"]["gate"]
-    assert gate_params["score"]["kernel"].shape == (4, 1)
-    apply = functools.partial(model.apply, variables, x, rngs={"gumbel": jax.random.key(1)})
-    argmax = apply(gate_mode="argmax")
-    np.testing.assert_array_equal(argmax.gates, (argmax.probs > 0.5).astype(np.float32))
-    calibrated = apply(gate_mode="calibrated", thresholds=jnp.array([0.0, 1.0, 0.0]))
-    np.testing.assert_array_equal(calibrated.gates, [[1] * 6, [0] * 6, [1] * 6])
-    sample = apply(gate_mode="sample", train=True, mutable=["batch_stats"])[0]
-    assert set(np.unique(sample.gates)) <= {0.0, 1.0}
+    gate = SigmoidGate(hidden=4)
+    x = jax.random.normal(jax.random.key(0), (6, 2, 2, 16))
+    variables = gate.init(jax.random.key(1), x, train=False, mode="argmax")
+    assert variables["params"]["score"]["kernel"].shape == (4, 1)
+    apply = functools.partial(gate.apply, variables, x, train=True)
+    argmax = apply(mode="argmax")
+    np.testing.assert_array_equal(argmax.decision, (argmax.prob > 0.5).astype(np.float32))
+    np.testing.assert_array_equal(apply(mode="calibrated", threshold=1.0).decision, [0] * 6)
+    np.testing.assert_array_equal(apply(mode="open").decision, [1] * 6)
+    # Sampling is Bernoulli(p): forcing p to 1 or 0 through the bias fixes every decision.
+    for bias, expected in ((50.0, 1.0), (-50.0, 0.0)):
+        params = variables["params"]
+        forced = {"params": {**params, "score": {**params["score"], "bias": jnp.array([bias])}}}
+        sample = gate.apply(
+            forced, x, train=True, mode="sample", rngs={"gumbel": jax.random.key(2)}
+        )
+        np.testing.assert_array_equal(sample.decision, [expected] * 6)
+    with pytest.raises(ValueError, match="'soft'"):
+        apply(mode="soft")
     # The cost model asks the gate: its parameter count must match the initialised gate.
+    assert gate.cost(16)[1] == param_count(variables["params"])
+    model = build_model("resnet8_cifar", gate="sigmoid_test", gate_options={"hidden": 4})
     cost = model_cost(model, IMAGE_SIZE)
-    assert cost.blocks[0].gate_params == param_count(gate_params)
     assert [b.gate_macs for b in cost.blocks] == [16 * 4 + 4, 16 * 4 + 4, 32 * 4 + 4]
 
 
 def test_custom_backbone_counts_grouped_convolutions():
     model = build_model("resnext8_test", num_classes=10, gated=(True, True, False))
-    variables = init_variables(model, (IMAGE_SIZE, IMAGE_SIZE, 3), seed=0)
+    image_shape = (IMAGE_SIZE, IMAGE_SIZE, 3)
+    variables = jax.eval_shape(lambda: init_variables(model, image_shape, seed=0))
     block = variables["params"]["stage1_block0"]
     assert block["conv2"]["kernel"].shape == (3, 3, 8 // 4, 8)  # grouped: 2 inputs per output
     cost = model_cost(model, IMAGE_SIZE)
@@ -206,7 +217,7 @@ def test_custom_backbone_counts_grouped_convolutions():
     # Block 0 on 8×8: conv1 64·8·8 + grouped conv2 64·9·2·8 + conv3 64·8·16 MACs.
     assert cost.blocks[0].branch_macs == 64 * 8 * 8 + 64 * 9 * 2 * 8 + 64 * 8 * 16
     assert (cost.blocks[2].gated, cost.blocks[2].gate_macs) == (False, 0)
-    out = model.apply(variables, jnp.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3)))
+    out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, *image_shape))), variables)
     assert out.logits.shape == (2, 10) and out.gates.shape == (3, 2)
 
 
