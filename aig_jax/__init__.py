@@ -1,12 +1,28 @@
 """aig-jax: Convolutional Networks with Adaptive Inference Graphs (ConvNet-AIG) in JAX/Flax."""
 
+import configparser
+import importlib.metadata
+import os
+
 from aig_jax.flops import model_cost
 from aig_jax.gates import GATES, GumbelGate, straight_through_gumbel
 from aig_jax.losses import target_rate_loss
 from aig_jax.models import MODELS, ModelOutput, ResNet, build_model
 from aig_jax.schedules import SCHEDULES, target_rates
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version, else the one in a source checkout's setup.cfg."""
+    try:
+        return importlib.metadata.version("aig-jax")
+    except importlib.metadata.PackageNotFoundError:
+        setup_cfg = os.path.join(os.path.dirname(os.path.dirname(__file__)), "setup.cfg")
+        parser = configparser.ConfigParser()
+        parser.read(setup_cfg)
+        return parser.get("metadata", "version", fallback="0+unknown")
+
+
+__version__ = _version()
 
 __all__ = [
     "GATES",

@@ -34,16 +34,23 @@ class ConvSpec(NamedTuple):
     out_features: int
     strides: int
     part: str  # "branch" (skipped with the block) or "shortcut" (always executed)
+    groups: int = 1  # grouped convolution (ResNeXt): each output sees in_features / groups
 
 
-def conv(features: int, kernel: int, strides: int, name: str, dtype: Any) -> nn.Conv:
-    """A bias-free square convolution padded like PyTorch's ``padding=kernel // 2``."""
+def conv(
+    features: int, kernel: int, strides: int, name: str, dtype: Any, groups: int = 1
+) -> nn.Conv:
+    """A bias-free square convolution padded like PyTorch's ``padding=kernel // 2``.
+
+    ``groups`` > 1 splits input and output channels into that many independent groups.
+    """
     pad = kernel // 2
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(strides, strides),
         padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
         use_bias=False,
         dtype=dtype,
         kernel_init=conv_kernel_init,
@@ -121,7 +128,9 @@ class ResidualBlock(nn.Module):
         if self.gated:
             gate = self.gate_cls(name="gate")(x, train=train, mode=gate_mode, threshold=threshold)
         else:
-            ones = jnp.ones((x.shape[0],), jnp.float32)
+            # ones_like keeps the batch's sharding, so the [L, B] stack of decisions agrees
+            # across gated and ungated blocks under an explicit ('data',) mesh.
+            ones = jnp.ones_like(x[:, 0, 0, 0], jnp.float32)
             gate = GateOutput(ones, ones)
         y = self.branch(x, train)
         out_features = self.out_features_of(self.features)

@@ -109,11 +109,18 @@ def _conv_cost(
     spec: ConvSpec, hw_in: tuple[int, int], skip_padding: bool
 ) -> tuple[int, int, tuple[int, int]]:
     """(MACs, params incl. the following BatchNorm, output size) of one conv spec."""
+    if spec.groups < 1 or spec.in_features % spec.groups or spec.out_features % spec.groups:
+        raise ValueError(
+            f"convolution groups={spec.groups} must be positive and divide in_features="
+            f"{spec.in_features} and out_features={spec.out_features}"
+        )
     h, w = (_conv_out(d, spec.strides) for d in hw_in)
     taps = _taps(hw_in[0], spec.kernel, spec.strides, skip_padding)
     taps *= _taps(hw_in[1], spec.kernel, spec.strides, skip_padding)
-    weights = spec.kernel * spec.kernel * spec.in_features * spec.out_features
-    return taps * spec.in_features * spec.out_features, weights + 2 * spec.out_features, (h, w)
+    # Each output channel of a grouped convolution sees in_features / groups input channels.
+    fan_in = spec.in_features // spec.groups
+    weights = spec.kernel * spec.kernel * fan_in * spec.out_features
+    return taps * fan_in * spec.out_features, weights + 2 * spec.out_features, (h, w)
 
 
 def model_cost(
