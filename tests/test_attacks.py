@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_checkpoint import trained_tiny
 
 from aig_jax import attacks
 from aig_jax.data import eval_iterator, make_source
@@ -15,6 +14,7 @@ from aig_jax.evaluation import predict
 from aig_jax.evaluator import restore
 from aig_jax.sharding import make_mesh, shard_batch
 from aig_jax.steps import make_eval_step
+from tests.tiny_checkpoint import trained_tiny
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from absl import flags
 from PIL import Image
-from tiny_checkpoint import save_ungated_copy, trained_tiny, without_gates
 
 from aig_jax import calibration, gate_stats
 from aig_jax.checkpoint import CheckpointError
@@ -19,6 +18,7 @@ from aig_jax.flops import model_cost
 from aig_jax.models import build_model
 from aig_jax.sharding import make_mesh
 from aig_jax.steps import make_eval_step
+from tests.tiny_checkpoint import save_ungated_copy, trained_tiny, without_gates
 
 
 @pytest.fixture(scope="module")
