@@ -120,7 +120,7 @@ def _branch(x: jax.Array, convs: list[Folded], info: BlockInfo, conv_fn: ConvFn)
 def _gate(
     model: ResNet, variables: Any, x: jax.Array, mode: str, threshold: jax.Array | float
 ) -> GateOutput:
-    out: GateOutput = model.gate_cls().apply(
+    out: GateOutput = model.gate_cls().apply(  # type: ignore[assignment]  # no mutables
         variables, x, train=False, mode=mode, threshold=threshold
     )
     return out
@@ -244,18 +244,22 @@ def make_fast_eval_step(
         if path == "auto":
             chosen = choose_path(batch["image"].shape[0] // mesh.devices.size)
 
-        def local(folded: Any, images: jax.Array, thresholds: jax.Array) -> ModelOutput:
-            return skip_forward(
-                model, folded, images, gate_mode=gate_mode, thresholds=thresholds, path=chosen
+        def local(folded: Any, images: jax.Array, thresholds: jax.Array) -> tuple:
+            return tuple(
+                skip_forward(
+                    model, folded, images, gate_mode=gate_mode, thresholds=thresholds, path=chosen
+                )
             )
 
-        out = jax.shard_map(
+        # Each device skips for its own images: its cond predicate and kernel grid are local.
+        per_block = jax.P(None, "data")
+        parts = jax.shard_map(
             local,
             mesh=mesh,
             in_specs=(jax.P(), data, jax.P()),
-            out_specs=ModelOutput(data, jax.P(None, "data"), jax.P(None, "data")),
+            out_specs=(data, per_block, per_block),
             check_vma=False,
         )(folded, batch["image"], thresholds)
-        return eval_outputs(out, batch, top_k)
+        return eval_outputs(ModelOutput(*parts), batch, top_k)
 
     return jax.jit(step, static_argnums=(3,), out_shardings=replicated(mesh))
