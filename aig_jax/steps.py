@@ -103,7 +103,10 @@ def eval_outputs(out: ModelOutput, batch: Batch, top_k: int) -> dict[str, jax.Ar
     """The per-example outputs of an eval step (see :func:`make_eval_step`) from a model output."""
     k = min(top_k, out.logits.shape[-1])
     log_probs = jax.nn.log_softmax(out.logits)
-    loss = -jnp.take_along_axis(log_probs, batch["label"][:, None], axis=-1)[:, 0]
+    # A one-hot product rather than a gather: a gather of a batch-1 array sharded over the
+    # mesh has no unambiguous output sharding.
+    one_hot = jax.nn.one_hot(batch["label"], out.logits.shape[-1], dtype=log_probs.dtype)
+    loss = -jnp.sum(log_probs * one_hot, axis=-1)
     return {
         "top": jax.lax.top_k(out.logits, k)[1].astype(jnp.int32),
         "confidence": jnp.exp(jnp.max(log_probs, axis=-1)),
