@@ -25,6 +25,9 @@ from aig_jax.gates import GateOutput, GumbelGate
 #: He-normal initialisation over fan-out, as the reference initialises its convolutions.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
+#: BatchNorm epsilon of every convolution's BatchNorm (PyTorch's default).
+BN_EPSILON = 1e-5
+
 
 class ConvSpec(NamedTuple):
     """One convolution of a block (each is followed by a BatchNorm): what the cost model needs."""
@@ -61,7 +64,7 @@ def conv(
 def batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
     """BatchNorm with PyTorch's defaults (momentum 0.1 in PyTorch's convention, eps 1e-5)."""
     return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
+        use_running_average=not train, momentum=0.9, epsilon=BN_EPSILON, dtype=dtype, name=name
     )
 
 

@@ -99,6 +99,26 @@ def make_train_step(
 EvalStep = Callable[..., dict[str, jax.Array]]
 
 
+def eval_outputs(out: ModelOutput, batch: Batch, top_k: int) -> dict[str, jax.Array]:
+    """The per-example outputs of an eval step (see :func:`make_eval_step`) from a model output."""
+    k = min(top_k, out.logits.shape[-1])
+    log_probs = jax.nn.log_softmax(out.logits)
+    # A one-hot product rather than a gather: a gather of a batch-1 array sharded over the
+    # mesh has no unambiguous output sharding.
+    one_hot = jax.nn.one_hot(batch["label"], out.logits.shape[-1], dtype=log_probs.dtype)
+    loss = -jnp.sum(log_probs * one_hot, axis=-1)
+    return {
+        "top": jax.lax.top_k(out.logits, k)[1].astype(jnp.int32),
+        "confidence": jnp.exp(jnp.max(log_probs, axis=-1)),
+        "loss": loss,
+        "gates": out.gates,
+        "probs": out.probs,
+        "label": batch["label"],
+        "mask": batch["mask"],
+        "index": batch["index"],
+    }
+
+
 def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, *, top_k: int = 5) -> EvalStep:
     """Build ``step(variables, batch, key, gate_mode, thresholds) -> per-example outputs``.
 
@@ -125,18 +145,6 @@ def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, *, top_k: int = 5)
             thresholds=thresholds,
             rngs={"gumbel": key},
         )
-        k = min(top_k, out.logits.shape[-1])
-        log_probs = jax.nn.log_softmax(out.logits)
-        loss = -jnp.take_along_axis(log_probs, batch["label"][:, None], axis=-1)[:, 0]
-        return {
-            "top": jax.lax.top_k(out.logits, k)[1].astype(jnp.int32),
-            "confidence": jnp.exp(jnp.max(log_probs, axis=-1)),
-            "loss": loss,
-            "gates": out.gates,
-            "probs": out.probs,
-            "label": batch["label"],
-            "mask": batch["mask"],
-            "index": batch["index"],
-        }
+        return eval_outputs(out, batch, top_k)
 
     return jax.jit(step, static_argnums=(3,), out_shardings=replicated(mesh))

@@ -1,0 +1,360 @@
+"""Throughput, compile time and memory of gated vs ungated ResNets, and of real layer skipping.
+
+Usage (from the repository root)::
+
+    python bench/bench.py --small            # CPU-sized, a few minutes on 2 cores
+    python bench/bench.py                    # AIG-ResNet-50 224² and AIG-ResNet-110 32², batch 256
+    python bench/bench.py --dtype bfloat16 --cache-dir /tmp/jax-cache
+
+One run measures, on whatever backend JAX finds: train-step and inference images/s of each
+gated model and of the ungated model of the same architecture; trace and compile time; peak
+device memory (where the backend reports it) and the compiled step's memory; the skipping
+inference path against the masked one (batch 1 with ``lax.cond`` at an execution rate of 0.5,
+and at batch scale); a cold and a warm compile through JAX's persistent compilation cache; and
+the host input pipeline's images/s. It prints a table and writes JSON to
+``bench/results/<device>.json``. Gates are untrained: the execution rates come from
+"calibrated" thresholds (0 executes a block for every image, 1 skips it; per-block medians of
+p(execute) split a batch in halves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+from aig_jax.data import make_source, train_iterator
+from aig_jax.models import build_model
+from aig_jax.sharding import make_mesh, replicated, shard_batch
+from aig_jax.skip_inference import choose_path, make_fast_eval_step
+from aig_jax.steps import make_eval_step, make_train_step
+from aig_jax.train_state import create_train_state
+from configs import default
+
+#: (model, image size, batch) per size; "tiny" is for the test that the script runs.
+SIZES: dict[str, dict[str, Any]] = {
+    "full": {"models": [("resnet50", 224, 256), ("resnet110_cifar", 32, 256)], "iters": 10},
+    "small": {"models": [("resnet50", 64, 8), ("resnet110_cifar", 32, 16)], "iters": 3},
+    "tiny": {"models": [("resnet8_cifar", 16, 4)], "iters": 1},
+}
+
+
+def _timed(fn: Callable[[], Any], iters: int) -> float:
+    """Seconds per call of ``fn`` after one warm-up call, waiting for the device each time."""
+    jax.block_until_ready(fn())
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / iters
+
+
+def _peak_bytes() -> int | None:
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0))
+
+
+def _compile(jitted: Any, *args: Any) -> tuple[Any, dict[str, Any]]:
+    """Lower and compile ``jitted`` for ``args``: the executable, trace/compile seconds and its
+    memory (arguments + outputs + temporaries, in bytes)."""
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    traced = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    info: dict[str, Any] = {"trace_s": traced - start, "compile_s": done - traced}
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        info["compiled_bytes"] = int(
+            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+        )
+    return compiled, info
+
+
+def _batch(size: int, batch: int, num_classes: int, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    host = {
+        "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+        "label": (np.arange(batch) % num_classes).astype(np.int32),
+        "mask": np.ones(batch, bool),
+        "index": np.arange(batch, dtype=np.int32),
+    }
+    return shard_batch(host, mesh)
+
+
+def bench_model(name: str, size: int, batch: int, dtype: str, iters: int) -> dict[str, Any]:
+    """Train and inference images/s, compile time and memory, gated and ungated."""
+    mesh = make_mesh()
+    result: dict[str, Any] = {"model": name, "image_size": size, "batch": batch, "dtype": dtype}
+    data = _batch(size, batch, 10, mesh)
+    key = jax.random.key(0)
+    for gated in (True, False):
+        model = build_model(name, num_classes=10, gated=gated, dtype=dtype)
+        n = len(model.block_infos())
+        tx = optax.sgd(0.01, momentum=0.9)
+        state = jax.jit(
+            lambda model=model, tx=tx: create_train_state(model, tx, (size, size, 3), 0),
+            out_shardings=replicated(mesh),
+        )()
+        targets = np.full(n, 0.5 if gated else 1.0)
+        train = make_train_step(model, tx, targets, target_weight=1.0)
+        train_c, train_info = _compile(train, state, data, key)
+        holder = [state]
+
+        def train_once(step: Any = train_c, holder: list = holder) -> Any:
+            holder[0], metrics = step(holder[0], data, key)
+            return metrics
+
+        train_s = _timed(train_once, iters)
+        variables = holder[0].variables
+        thresholds = jnp.full((n,), 0.5)
+        evals = make_eval_step(model, mesh)
+        eval_c, eval_info = _compile(evals, variables, data, key, "argmax", thresholds)
+        eval_s = _timed(lambda c=eval_c, v=variables, t=thresholds: c(v, data, key, t), iters)
+        tag = "gated" if gated else "ungated"
+        result[tag] = {
+            "train_images_per_s": batch / train_s,
+            "infer_images_per_s": batch / eval_s,
+            "train_compile": train_info,
+            "infer_compile": eval_info,
+            "peak_device_bytes": _peak_bytes(),
+        }
+        if gated:
+            result["gated"]["skipping"] = bench_skipping(model, variables, data, iters, mesh)
+    g, u = result["gated"], result["ungated"]
+    result["ratios"] = {
+        "train_gated_over_ungated": g["train_images_per_s"] / u["train_images_per_s"],
+        "infer_gated_over_ungated": g["infer_images_per_s"] / u["infer_images_per_s"],
+    }
+    return result
+
+
+def bench_skipping(
+    model: Any, variables: Any, data: dict[str, Any], iters: int, mesh: jax.sharding.Mesh
+) -> dict[str, Any]:
+    """Masked vs skipping inference: batch 1 (lax.cond) at execution rates 0.5 and 1, and the
+    whole batch at per-block median thresholds (about half of the images execute each block)."""
+    n = len(model.block_infos())
+    key = jax.random.key(0)
+    out: dict[str, Any] = {}
+    mesh1 = make_mesh(1)
+    one = _batch(data["image"].shape[1], 1, 10, mesh1)
+    masked1, fast1 = make_eval_step(model, mesh1), make_fast_eval_step(model, mesh1, path="cond")
+    for label, thresholds in (
+        ("rate_0.5", jnp.asarray([0.0, 1.0] * (n // 2) + [0.0] * (n % 2))),
+        ("rate_1.0", jnp.zeros((n,))),
+    ):
+        times = {}
+        for kind, step in (("masked", masked1), ("cond", fast1)):
+            compiled, _ = _compile(step, variables, one, key, "calibrated", thresholds)
+            times[kind] = _timed(
+                lambda c=compiled, t=thresholds: c(variables, one, key, t), 20 * iters
+            )
+        gates = masked1(variables, one, key, "calibrated", thresholds)["gates"]
+        out[f"batch1_{label}"] = {
+            "rate": float(jnp.mean(gates)),
+            "masked_ms_per_image": 1e3 * times["masked"],
+            "cond_ms_per_image": 1e3 * times["cond"],
+            "speedup": times["masked"] / times["cond"],
+        }
+    batch = data["image"].shape[0]
+    masked = make_eval_step(model, mesh)
+    probs = masked(variables, data, key, "open", jnp.zeros((n,)))["probs"]
+    thresholds = jnp.median(probs, axis=1)
+    path = choose_path(batch // mesh.devices.size)
+    fast = make_fast_eval_step(model, mesh, path=path)
+    times = {}
+    for kind, step in (("masked", masked), ("fast", fast)):
+        compiled, _ = _compile(step, variables, data, key, "calibrated", thresholds)
+        times[kind] = _timed(lambda c=compiled: c(variables, data, key, thresholds), iters)
+    gates = masked(variables, data, key, "calibrated", thresholds)["gates"]
+    out["batch_median"] = {
+        "path": path,
+        "rate": float(jnp.mean(gates)),
+        "masked_images_per_s": batch / times["masked"],
+        "fast_images_per_s": batch / times["fast"],
+        "speedup": times["masked"] / times["fast"],
+    }
+    return out
+
+
+def bench_compile_cache(name: str, size: int, batch: int, dtype: str) -> dict[str, Any]:
+    """Cold and warm (persistent cache) compile seconds of the gated model's train step."""
+    mesh = make_mesh()
+    model = build_model(name, num_classes=10, dtype=dtype)
+    tx = optax.sgd(0.01, momentum=0.9)
+    abstract = jax.eval_shape(lambda: create_train_state(model, tx, (size, size, 3), 0))
+    state = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), abstract
+    )
+    data = _batch(size, batch, 10, mesh)
+    step = make_train_step(model, tx, np.full(len(model.block_infos()), 0.5), target_weight=1.0)
+    result = {"model": name}
+    for kind in ("cold", "warm"):
+        jax.clear_caches()  # in-memory caches only: "warm" reads the compiled step from disk
+        result[f"{kind}_compile_s"] = _compile(step, state, data, jax.random.key(0))[1]["compile_s"]
+    return result
+
+
+def bench_pipeline(kind: str, size: int, batch: int, steps: int) -> dict[str, Any]:
+    """Host images/s of ``train_iterator`` over the synthetic source with ``kind``
+    ("cifar" or "imagenet") augmentation."""
+    cfg = default.get_config().dataset
+    cfg.source, cfg.image_size, cfg.num_examples, cfg.preprocess = "synthetic", size, 4096, kind
+    if kind == "imagenet":
+        cfg.mean, cfg.std = default.IMAGENET_MEAN, default.IMAGENET_STD
+    source = make_source(cfg, "train")
+    batches = train_iterator(source, cfg, global_batch=batch, seed=0, num_steps=steps + 1)
+    next(batches)  # threads started, first batch ready
+    start = time.perf_counter()
+    for _ in batches:
+        pass
+    return {
+        "preprocess": kind,
+        "image_size": size,
+        "batch": batch,
+        "images_per_s": batch * steps / (time.perf_counter() - start),
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as aligned text rows: one per model and variant, then skipping, compile
+    cache and input pipeline."""
+    rows = [("model", "variant", "train img/s", "infer img/s", "compile s", "peak MiB")]
+    for r in results["models"]:
+        for tag in ("gated", "ungated"):
+            m = r[tag]
+            peak = m["peak_device_bytes"]
+            rows.append(
+                (
+                    f"{r['model']} {r['image_size']}² b{r['batch']}",
+                    tag,
+                    _fmt(m["train_images_per_s"]),
+                    _fmt(m["infer_images_per_s"]),
+                    _fmt(m["train_compile"]["compile_s"]),
+                    _fmt(None if peak is None else peak / 2**20),
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    for r in results["models"]:
+        lines.append(
+            f"{r['model']}: gated/ungated train {_fmt(r['ratios']['train_gated_over_ungated'])}, "
+            f"infer {_fmt(r['ratios']['infer_gated_over_ungated'])}"
+        )
+        for label, s in r["gated"]["skipping"].items():
+            if label.startswith("batch1"):
+                lines.append(
+                    f"  {label}: rate {_fmt(s['rate'])}, masked "
+                    f"{_fmt(s['masked_ms_per_image'])} ms, cond {_fmt(s['cond_ms_per_image'])} "
+                    f"ms per image, speed-up {_fmt(s['speedup'])}×"
+                )
+            else:
+                lines.append(
+                    f"  {label} ({s['path']}): rate {_fmt(s['rate'])}, masked "
+                    f"{_fmt(s['masked_images_per_s'])}, fast {_fmt(s['fast_images_per_s'])} img/s, "
+                    f"speed-up {_fmt(s['speedup'])}×"
+                )
+    c = results["compile_cache"]
+    lines.append(
+        f"{c['model']} train-step compile: cold {_fmt(c['cold_compile_s'])} s, "
+        f"warm (persistent cache) {_fmt(c['warm_compile_s'])} s"
+    )
+    for p in results["pipeline"]:
+        lines.append(
+            f"input pipeline {p['preprocess']} {p['image_size']}² b{p['batch']}: "
+            f"{_fmt(p['images_per_s'])} img/s"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run every measurement, print the table, write the JSON and return the results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--small", action="store_const", dest="size", const="small")
+    size.add_argument(
+        "--tiny",
+        action="store_const",
+        dest="size",
+        const="tiny",
+        help="seconds-long run that only checks the script",
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="persistent compilation cache kept across runs (default: a fresh "
+        "temporary one, used only for the cold/warm compile measurement)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default bench/results/<device>.json)"
+    )
+    args = parser.parse_args(argv)
+    setting = SIZES[args.size or "full"]
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="aig-jax-cache-")
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+    device = jax.devices()[0]
+    results: dict[str, Any] = {
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+        "size": args.size or "full",
+        "dtype": args.dtype,
+    }
+    name, img, batch = setting["models"][-1]  # the CIFAR model: AIG-ResNet-110 unless tiny
+    results["compile_cache"] = bench_compile_cache(name, img, batch, args.dtype)
+    if args.cache_dir is None:  # the timings below are then cold compiles
+        jax.config.update("jax_enable_compilation_cache", False)
+    results["models"] = [
+        bench_model(name, img, batch, args.dtype, setting["iters"])
+        for name, img, batch in setting["models"]
+    ]
+    steps = 2 + setting["iters"]
+    results["pipeline"] = [
+        bench_pipeline("cifar", 32, setting["models"][-1][2], steps),
+        bench_pipeline("imagenet", setting["models"][0][1], setting["models"][0][2], steps),
+    ]
+    print(
+        f"{results['device']} ({results['backend']} ×{results['device_count']}), "
+        f"jax {results['jax_version']}, {args.dtype}"
+    )
+    print(table(results))
+    slug = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"{slug}.json"
+    )
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""bench/bench.py runs end to end (its smallest setting) and writes the documented JSON."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _positive(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
+    out = tmp_path / "result.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--tiny", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "speed-up" in proc.stdout and str(out) in proc.stdout
+    results = json.loads(out.read_text())
+    assert results["backend"] == "cpu" and results["jax_version"] and results["device"]
+    (model,) = results["models"]
+    assert model["model"] == "resnet8_cifar"
+    for tag in ("gated", "ungated"):
+        m = model[tag]
+        assert _positive(m["train_images_per_s"]) and _positive(m["infer_images_per_s"])
+        assert _positive(m["train_compile"]["compile_s"])
+        assert m["train_compile"]["compiled_bytes"] > 0
+        assert m["peak_device_bytes"] is None  # the CPU backend reports no memory statistics
+    assert set(model["ratios"]) == {"train_gated_over_ungated", "infer_gated_over_ungated"}
+    skipping = model["gated"]["skipping"]
+    # 3 blocks: execute, skip, execute
+    assert skipping["batch1_rate_0.5"]["rate"] == pytest.approx(2 / 3)
+    assert skipping["batch1_rate_1.0"]["rate"] == 1.0
+    assert skipping["batch_median"]["path"] == "cond"
+    assert all(_positive(s["speedup"]) for s in skipping.values())
+    cache = results["compile_cache"]
+    assert _positive(cache["cold_compile_s"]) and _positive(cache["warm_compile_s"])
+    assert [p["preprocess"] for p in results["pipeline"]] == ["cifar", "imagenet"]
+    assert all(_positive(p["images_per_s"]) for p in results["pipeline"])
