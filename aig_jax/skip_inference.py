@@ -1,8 +1,8 @@
 """Inference that really skips the residual branches whose gate is 0.
 
 The masked residual ``relu(shortcut(x) + z · F(x))`` computes F for every image; here F is not
-computed where it is not needed, with the same outputs (up to floating-point rounding from
-folding each BatchNorm into its convolution):
+computed where it is not needed, with the same outputs (up to floating-point rounding: each
+inference BatchNorm becomes a per-channel scale and shift in its convolution's epilogue):
 
 * ``"cond"``: each gated block runs its branch under ``lax.cond`` when at least one image of
   the (per-device) batch executes it. At batch 1 — edge deployment — the decision is a scalar
@@ -36,20 +36,22 @@ from aig_jax.steps import Batch, EvalStep, eval_outputs
 
 PATHS = ("auto", "cond", "pallas")
 
-#: A folded convolution: {"kernel": [k, k, C_in, C_out], "bias": [C_out]} (float32).
+#: A convolution and its BatchNorm: {"kernel": [k, k, C_in, C_out], "scale", "bias": [C_out]}.
 Folded = dict[str, Any]
 #: conv(x, folded, stride, relu) → activations; the two paths differ only in this function.
 ConvFn = Callable[[jax.Array, Folded, int, bool], jax.Array]
 
 
 def fold_conv_bn(kernel: jax.Array, bn_params: Any, bn_stats: Any) -> Folded:
-    """Fold an inference BatchNorm into the bias-free convolution before it.
+    """An inference BatchNorm as the per-channel affine of the bias-free convolution before it.
 
-    ``bn(conv(x, W)) = conv(x, W · s) + (β − μ · s)`` with ``s = γ / sqrt(σ² + ε)``.
-    ``kernel``: [k, k, C_in, C_out]; returns the folded kernel (same shape) and bias [C_out].
+    ``bn(conv(x, W)) = conv(x, W) · s + (β − μ · s)`` with ``s = γ / sqrt(σ² + ε)``.
+    ``kernel``: [k, k, C_in, C_out] (kept: scaling the weights instead would cost a pass over
+    every weight per call, more than the activations' epilogue at batch 1); returns it with
+    ``scale`` and ``bias`` [C_out].
     """
     s = bn_params["scale"] / jnp.sqrt(bn_stats["var"] + BN_EPSILON)
-    return {"kernel": kernel * s, "bias": bn_params["bias"] - bn_stats["mean"] * s}
+    return {"kernel": kernel, "scale": s, "bias": bn_params["bias"] - bn_stats["mean"] * s}
 
 
 def _fold(params: Any, stats: Any, conv_name: str, bn_name: str) -> Folded:
@@ -62,7 +64,7 @@ def _branch_length(info: BlockInfo) -> int:
 
 
 def fold_variables(model: ResNet, variables: dict[str, Any]) -> dict[str, Any]:
-    """The model's inference weights with every convolution's BatchNorm folded into it.
+    """The model's inference weights, each convolution paired with its BatchNorm's affine.
 
     Returns ``{"stem": Folded, "blocks": [per block {"branch": [Folded …], "shortcut":
     Folded (projection blocks only), "gate": the gate's variables}], "linear": Dense params}``.
@@ -94,7 +96,7 @@ def fold_variables(model: ResNet, variables: dict[str, Any]) -> dict[str, Any]:
 
 
 def xla_conv(x: jax.Array, folded: Folded, stride: int, relu: bool) -> jax.Array:
-    """``act(conv(x, kernel) + bias)``: x [B, H, W, C_in] → [B, H/s, W/s, C_out], x's dtype."""
+    """``act(conv(x, kernel) · scale + bias)``: x [B, H, W, C_in] → [B, H/s, W/s, C_out]."""
     kernel = folded["kernel"].astype(x.dtype)
     pad = kernel.shape[0] // 2
     y = jax.lax.conv_general_dilated(
@@ -104,7 +106,7 @@ def xla_conv(x: jax.Array, folded: Folded, stride: int, relu: bool) -> jax.Array
         ((pad, pad), (pad, pad)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
-    y = y + folded["bias"].astype(x.dtype)
+    y = y * folded["scale"].astype(x.dtype) + folded["bias"].astype(x.dtype)
     return nn.relu(y) if relu else y
 
 
@@ -191,7 +193,13 @@ def _skipping_branch(
 
         def gated(x: jax.Array, folded: Folded, stride: int, relu: bool) -> jax.Array:
             return gated_conv(
-                x, folded["kernel"], folded["bias"], decision, stride=stride, relu=relu
+                x,
+                folded["kernel"],
+                folded["scale"],
+                folded["bias"],
+                decision,
+                stride=stride,
+                relu=relu,
             )
 
         return _branch(x, convs, info, gated)

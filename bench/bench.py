@@ -13,8 +13,8 @@ inference path against the masked one (batch 1 with ``lax.cond`` at an execution
 and at batch scale); a cold and a warm compile through JAX's persistent compilation cache; and
 the host input pipeline's images/s. It prints a table and writes JSON to
 ``bench/results/<device>.json``. Gates are untrained: the execution rates come from
-"calibrated" thresholds (0 executes a block for every image, 1 skips it; per-block medians of
-p(execute) split a batch in halves).
+"calibrated" thresholds (-1 executes a block for every image, 2 skips it; per-block medians
+of p(execute) split a batch in halves).
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"models": [("resnet50", 64, 8), ("resnet110_cifar", 32, 16)], "iters": 3},
     "tiny": {"models": [("resnet8_cifar", 16, 4)], "iters": 1},
 }
+
+#: Calibrated thresholds on p(execute) that execute, and skip, a block for every image.
+ALWAYS, NEVER = -1.0, 2.0
 
 
 def _timed(fn: Callable[[], Any], iters: int) -> float:
@@ -154,8 +157,8 @@ def bench_skipping(
     one = _batch(data["image"].shape[1], 1, 10, mesh1)
     masked1, fast1 = make_eval_step(model, mesh1), make_fast_eval_step(model, mesh1, path="cond")
     for label, thresholds in (
-        ("rate_0.5", jnp.asarray([0.0, 1.0] * (n // 2) + [0.0] * (n % 2))),
-        ("rate_1.0", jnp.zeros((n,))),
+        ("rate_0.5", jnp.asarray([ALWAYS, NEVER] * (n // 2) + [ALWAYS] * (n % 2))),
+        ("rate_1.0", jnp.full((n,), ALWAYS)),
     ):
         times = {}
         for kind, step in (("masked", masked1), ("cond", fast1)):

@@ -8,7 +8,7 @@ import pytest
 from aig_jax.kernels.gated_conv import gated_conv
 
 
-def _reference(x, kernel, bias, gate, stride, relu):
+def _reference(x, kernel, scale, bias, gate, stride, relu):
     pad = kernel.shape[0] // 2
     y = jax.lax.conv_general_dilated(
         x.astype(jnp.float32),
@@ -17,23 +17,30 @@ def _reference(x, kernel, bias, gate, stride, relu):
         ((pad, pad), (pad, pad)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
-    y = y + bias
+    y = y * scale + bias
     y = jnp.maximum(y, 0) if relu else y
     return y * gate[:, None, None, None]
 
 
 @pytest.mark.parametrize(
-    ("k", "stride", "relu", "size"),
-    [(3, 1, True, 8), (3, 2, False, 8), (1, 1, False, 6), (3, 2, True, 7)],
+    ("k", "stride", "relu", "size", "pow2_tiles"),
+    [
+        (3, 1, True, 8, False),
+        (3, 2, False, 8, False),
+        (1, 1, False, 6, True),  # 6×6 outputs computed on 8×8 tiles (the GPU layout), cropped
+        (3, 2, True, 7, False),
+        (3, 1, False, 5, True),
+    ],
 )
-def test_gated_conv_equals_the_gated_xla_convolution(k, stride, relu, size):
-    keys = jax.random.split(jax.random.key(k * 10 + stride), 3)
+def test_gated_conv_equals_the_gated_xla_convolution(k, stride, relu, size, pow2_tiles):
+    keys = jax.random.split(jax.random.key(k * 10 + stride), 4)
     x = jax.random.normal(keys[0], (3, size, size, 4))
     kernel = jax.random.normal(keys[1], (k, k, 4, 5))
-    bias = jax.random.normal(keys[2], (5,))
+    scale = jax.random.uniform(keys[2], (5,), minval=0.5, maxval=1.5)
+    bias = jax.random.normal(keys[3], (5,))
     gate = jnp.array([1.0, 0.0, 1.0])
-    got = gated_conv(x, kernel, bias, gate, stride=stride, relu=relu)
-    expected = _reference(x, kernel, bias, gate, stride, relu)
+    got = gated_conv(x, kernel, scale, bias, gate, stride=stride, relu=relu, pow2_tiles=pow2_tiles)
+    expected = _reference(x, kernel, scale, bias, gate, stride, relu)
     assert got.shape == expected.shape == (3, -(-size // stride), -(-size // stride), 5)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert not np.asarray(got[1]).any()  # skipped: zeros, not the bias
@@ -43,17 +50,17 @@ def test_gated_conv_keeps_bfloat16_activations():
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)).astype(jnp.bfloat16)
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
     gate = jnp.array([0.0, 1.0])
-    got = gated_conv(x, kernel, jnp.zeros(8), gate)
+    got = gated_conv(x, kernel, jnp.ones(8), jnp.zeros(8), gate)
     assert got.dtype == jnp.bfloat16
-    expected = _reference(x, kernel.astype(jnp.bfloat16), jnp.zeros(8), gate, 1, False)
+    expected = _reference(x, kernel.astype(jnp.bfloat16), 1.0, jnp.zeros(8), gate, 1, False)
     np.testing.assert_allclose(got.astype(np.float32), expected, rtol=2e-2, atol=5e-2)
 
 
 def test_gated_conv_errors_name_the_bad_shape():
     x = jnp.zeros((2, 4, 4, 3))
     with pytest.raises(ValueError, match=r"\(2, 2, 3, 4\)"):
-        gated_conv(x, jnp.zeros((2, 2, 3, 4)), jnp.zeros(4), jnp.ones(2))
+        gated_conv(x, jnp.zeros((2, 2, 3, 4)), jnp.ones(4), jnp.zeros(4), jnp.ones(2))
     with pytest.raises(ValueError, match="5 input channels"):
-        gated_conv(x, jnp.zeros((3, 3, 5, 4)), jnp.zeros(4), jnp.ones(2))
+        gated_conv(x, jnp.zeros((3, 3, 5, 4)), jnp.ones(4), jnp.zeros(4), jnp.ones(2))
     with pytest.raises(ValueError, match=r"\(2,\), got \(3,\)"):
-        gated_conv(x, jnp.zeros((3, 3, 3, 4)), jnp.zeros(4), jnp.ones(3))
+        gated_conv(x, jnp.zeros((3, 3, 3, 4)), jnp.ones(4), jnp.zeros(4), jnp.ones(3))
