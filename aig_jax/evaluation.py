@@ -8,6 +8,8 @@ numbers the paper reports (errors, execution rates, realised MACs).
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -33,6 +35,7 @@ class Predictions:
     loss: np.ndarray  # [N] cross-entropy
     gates: np.ndarray  # [N, L] decisions
     probs: np.ndarray  # [N, L] p(execute)
+    images_per_sec: float = math.nan  # measured after the first batch (compilation excluded)
 
     @property
     def correct(self) -> np.ndarray:
@@ -57,21 +60,27 @@ def predict(
     """Evaluate every batch (each process's share with ``mask`` and ``index``) in one mode.
 
     ``key`` seeds "sample" mode (batch i uses ``fold_in(key, i)``); ``thresholds`` [L] are
-    required for "calibrated". Returns the predictions of the unmasked examples.
+    required for "calibrated". Returns the predictions of the unmasked examples, with the
+    measured images/s of every batch after the first (NaN with a single batch).
     """
     key = jax.random.key(0) if key is None else key
     thr = jnp.full((num_layers,), 0.5) if thresholds is None else jnp.asarray(thresholds)
     outputs: list[dict[str, np.ndarray]] = []
     pending = None
     show = progress and jax.process_index() == 0
+    start = math.nan  # when the first batch (and its compilation) is done
     for i, batch in enumerate(tqdm(batches, total=total, desc=desc, disable=not show)):
         batch = shard_batch(batch, mesh)
         out = eval_step(variables, batch, jax.random.fold_in(key, i), gate_mode, thr)
         if pending is not None:  # fetch the previous batch while this one computes
             outputs.append(jax.device_get(pending))
+            if i == 1:
+                start = time.perf_counter()
         pending = out
     if pending is not None:
         outputs.append(jax.device_get(pending))
+    timed = sum(int(np.sum(o["mask"])) for o in outputs[1:])
+    seconds = time.perf_counter() - start
     if not outputs:
         raise ValueError("the evaluation split yielded no batches")
     cat = {
@@ -89,6 +98,7 @@ def predict(
         loss=cat["loss"][keep],
         gates=cat["gates"][:, keep].T,
         probs=cat["probs"][:, keep].T,
+        images_per_sec=timed / seconds if timed else math.nan,
     )
 
 
@@ -112,5 +122,6 @@ def summarize(preds: Predictions, cost: ModelCost, num_classes: int) -> dict[str
         "realised_gmacs_std": float(macs.std() / 1e9),
         "full_gmacs": float(cost.macs / 1e9),
         "macs_saving": float(1.0 - macs.mean() / cost.macs),
+        "images_per_sec": float(preds.images_per_sec),
         "num_classes": int(num_classes),
     }

@@ -34,7 +34,7 @@ from aig_jax.models import BlockInfo, ModelOutput, ResNet
 from aig_jax.sharding import replicated
 from aig_jax.steps import Batch, EvalStep, eval_outputs
 
-PATHS = ("auto", "cond", "pallas")
+PATHS = ("auto", "cond", "pallas", "masked")
 
 #: A convolution and its BatchNorm: {"kernel": [k, k, C_in, C_out], "scale", "bias": [C_out]}.
 Folded = dict[str, Any]
@@ -212,9 +212,17 @@ def _skipping_branch(
     )
 
 
-def choose_path(per_device_batch: int) -> str:
-    """ "cond" at batch 1 or on CPU (where Pallas only interprets), else "pallas"."""
-    return "cond" if per_device_batch == 1 or jax.default_backend() == "cpu" else "pallas"
+#: Largest image side at which the Pallas kernel is used by "auto" on accelerators: it was
+#: verified on an H100 at CIFAR sizes, while at ImageNet sizes one image per program is too big.
+PALLAS_MAX_IMAGE = 32
+
+
+def choose_path(per_device_batch: int, image_size: int) -> str:
+    """The path "auto" takes: "cond" at batch 1 or on CPU (where Pallas only interprets),
+    "pallas" on accelerators for images up to :data:`PALLAS_MAX_IMAGE`, else "masked"."""
+    if per_device_batch == 1 or jax.default_backend() == "cpu":
+        return "cond"
+    return "pallas" if image_size <= PALLAS_MAX_IMAGE else "masked"
 
 
 def make_fast_eval_step(
@@ -224,8 +232,8 @@ def make_fast_eval_step(
 
     Same call ``step(variables, batch, key, gate_mode, thresholds)`` and outputs (replicated).
     Each device runs :func:`skip_forward` on its share of the batch (``path`` "auto" picks
-    with :func:`choose_path`); gate mode "sample" draws noise like the masked model, so it
-    runs the masked model.
+    with :func:`choose_path`; "masked" is the plain model); gate mode "sample" draws noise like
+    the masked model, so it runs the masked model.
     """
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
@@ -238,7 +246,12 @@ def make_fast_eval_step(
         gate_mode: str,
         thresholds: jax.Array,
     ) -> dict[str, jax.Array]:
-        if gate_mode == "sample":
+        chosen = path
+        if path == "auto":
+            chosen = choose_path(
+                batch["image"].shape[0] // mesh.devices.size, batch["image"].shape[1]
+            )
+        if gate_mode == "sample" or chosen == "masked":
             out: ModelOutput = model.apply(  # type: ignore[assignment]  # no mutable collections
                 variables,
                 batch["image"],
@@ -248,9 +261,6 @@ def make_fast_eval_step(
             )
             return eval_outputs(out, batch, top_k)
         folded = fold_variables(model, variables)
-        chosen = path
-        if path == "auto":
-            chosen = choose_path(batch["image"].shape[0] // mesh.devices.size)
 
         def local(folded: Any, images: jax.Array, thresholds: jax.Array) -> tuple:
             return tuple(

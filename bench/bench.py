@@ -177,7 +177,7 @@ def bench_skipping(
     masked = make_eval_step(model, mesh)
     probs = masked(variables, data, key, "open", jnp.zeros((n,)))["probs"]
     thresholds = jnp.median(probs, axis=1)
-    path = choose_path(batch // mesh.devices.size)
+    path = choose_path(batch // mesh.devices.size, data["image"].shape[1])
     fast = make_fast_eval_step(model, mesh, path=path)
     times = {}
     for kind, step in (("masked", masked), ("fast", fast)):

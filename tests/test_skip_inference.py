@@ -178,3 +178,14 @@ def test_errors_name_the_bad_value():
     del broken["params"]["stage1_block0"]["bn2"]
     with pytest.raises(ValueError, match=r"stage1_block0.*\['bn2'\]"):
         fold_variables(model, broken)
+
+
+def test_auto_path_uses_pallas_only_where_it_was_verified(monkeypatch):
+    from aig_jax import skip_inference
+
+    assert skip_inference.choose_path(1, 224) == "cond"
+    assert skip_inference.choose_path(64, 32) == "cond"  # CPU: Pallas would only interpret
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert skip_inference.choose_path(64, 32) == "pallas"
+    assert skip_inference.choose_path(64, 224) == "masked"
+    assert skip_inference.choose_path(1, 224) == "cond"
