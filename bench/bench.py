@@ -330,31 +330,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "size": args.size or "full",
         "dtype": args.dtype,
     }
-    name, img, batch = setting["models"][-1]  # the CIFAR model: AIG-ResNet-110 unless tiny
-    results["compile_cache"] = bench_compile_cache(name, img, batch, args.dtype)
-    if args.cache_dir is None:  # the timings below are then cold compiles
-        jax.config.update("jax_enable_compilation_cache", False)
-    results["models"] = [
-        bench_model(name, img, batch, args.dtype, setting["iters"])
-        for name, img, batch in setting["models"]
-    ]
-    steps = 2 + setting["iters"]
-    results["pipeline"] = [
-        bench_pipeline("cifar", 32, setting["models"][-1][2], steps),
-        bench_pipeline("imagenet", setting["models"][0][1], setting["models"][0][2], steps),
-    ]
-    print(
-        f"{results['device']} ({results['backend']} ×{results['device_count']}), "
-        f"jax {results['jax_version']}, {args.dtype}"
-    )
-    print(table(results))
     slug = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"{slug}.json"
     )
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+
+    def save() -> None:  # after every section, so an interrupted run keeps what it measured
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+
+    name, img, batch = setting["models"][-1]  # the CIFAR model: AIG-ResNet-110 unless tiny
+    results["compile_cache"] = bench_compile_cache(name, img, batch, args.dtype)
+    save()
+    if args.cache_dir is None:  # the timings below are then cold compiles
+        jax.config.update("jax_enable_compilation_cache", False)
+    results["models"] = []
+    for name, img, batch in setting["models"]:
+        results["models"].append(bench_model(name, img, batch, args.dtype, setting["iters"]))
+        save()
+    steps = 2 + setting["iters"]
+    results["pipeline"] = [
+        bench_pipeline("cifar", 32, setting["models"][-1][2], steps),
+        bench_pipeline("imagenet", setting["models"][0][1], setting["models"][0][2], steps),
+    ]
+    save()
+    print(
+        f"{results['device']} ({results['backend']} ×{results['device_count']}), "
+        f"jax {results['jax_version']}, {args.dtype}"
+    )
+    print(table(results))
     print(f"wrote {out}")
     return results
 
