@@ -113,7 +113,8 @@ def make_attack_step(
                 rngs={"gumbel": k},
             )
             log_probs = jax.nn.log_softmax(out.logits)
-            return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1).sum()
+            one_hot = jax.nn.one_hot(labels, log_probs.shape[-1], dtype=log_probs.dtype)
+            return -jnp.sum(one_hot * log_probs)  # dense gradient: keeps the batch sharding
 
         return sign_gradient_attack(
             loss_fn, batch["image"], key, epsilon, steps=steps, step_size=step_size

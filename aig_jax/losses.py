@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 
 def target_rate_loss(
@@ -42,8 +41,14 @@ def target_rate_loss(
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy of logits [B, K] against integer labels [B]."""
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    """Mean softmax cross-entropy of logits [B, K] against integer labels [B].
+
+    A one-hot product rather than a gather: its gradient is dense, so it keeps the batch
+    sharding on an explicit-axes mesh (a gather's scatter-add gradient cannot, in JAX 0.11).
+    """
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.sum(one_hot * log_probs, axis=-1))
 
 
 def total_loss(
