@@ -257,6 +257,7 @@ def make_fast_eval_step(
                 batch["image"],
                 train=False,
                 gate_mode=gate_mode,
+                thresholds=thresholds,
                 rngs={"gumbel": key},
             )
             return eval_outputs(out, batch, top_k)

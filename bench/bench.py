@@ -314,6 +314,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--out", default=None, help="JSON path (default bench/results/<device>.json)"
     )
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="skip the cold/warm persistent-cache compile measurement (two long compiles)",
+    )
     args = parser.parse_args(argv)
     setting = SIZES[args.size or "full"]
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="aig-jax-cache-")
@@ -341,8 +346,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             json.dump(results, f, indent=2)
 
     name, img, batch = setting["models"][-1]  # the CIFAR model: AIG-ResNet-110 unless tiny
-    results["compile_cache"] = bench_compile_cache(name, img, batch, args.dtype)
-    save()
+    if not args.no_compile_cache:
+        results["compile_cache"] = bench_compile_cache(name, img, batch, args.dtype)
+        save()
     if args.cache_dir is None:  # the timings below are then cold compiles
         jax.config.update("jax_enable_compilation_cache", False)
     results["models"] = []
