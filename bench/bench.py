@@ -279,11 +279,12 @@ def table(results: dict[str, Any]) -> str:
                     f"{_fmt(s['masked_images_per_s'])}, fast {_fmt(s['fast_images_per_s'])} img/s, "
                     f"speed-up {_fmt(s['speedup'])}×"
                 )
-    c = results["compile_cache"]
-    lines.append(
-        f"{c['model']} train-step compile: cold {_fmt(c['cold_compile_s'])} s, "
-        f"warm (persistent cache) {_fmt(c['warm_compile_s'])} s"
-    )
+    if "compile_cache" in results:
+        c = results["compile_cache"]
+        lines.append(
+            f"{c['model']} train-step compile: cold {_fmt(c['cold_compile_s'])} s, "
+            f"warm (persistent cache) {_fmt(c['warm_compile_s'])} s"
+        )
     for p in results["pipeline"]:
         lines.append(
             f"input pipeline {p['preprocess']} {p['image_size']}² b{p['batch']}: "
