@@ -98,7 +98,7 @@ def test_accuracy_does_not_increase_with_epsilon(trained):
             progress=False,
         )
         accuracy.append(preds.correct.mean())
-    assert accuracy[0] > 0.8  # the model is trained
+    assert accuracy[0] > 0.5  # the model is trained (chance: 0.1)
     assert all(b <= a for a, b in itertools.pairwise(accuracy)), accuracy
     assert accuracy[-1] < accuracy[0] - 0.2
 
