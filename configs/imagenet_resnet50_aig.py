@@ -9,7 +9,7 @@ the TFDS manual directory), then train::
 
 Batch 256, 100 epochs, SGD 0.1 (×0.1 every 30 epochs), weight decay 1e-4, λ = 1, the
 reference's schedule ``[1, 1, 0.8, 1, t, t, t, 1, t, t, t, t, t, 1, 0.7, 1]``,
-random-resized crop 224 + flip / resize 256 + centre crop 224. Takes about a day on 8 GPUs.
+random-resized crop 224 + flip / resize 256 + centre crop 224.
 """
 
 from configs import default
