@@ -220,7 +220,14 @@ def bench_pipeline(kind: str, size: int, batch: int, steps: int) -> dict[str, An
     if kind == "imagenet":
         cfg.mean, cfg.std = default.IMAGENET_MEAN, default.IMAGENET_STD
     source = make_source(cfg, "train")
-    batches = train_iterator(source, cfg, global_batch=batch, seed=0, num_steps=steps + 1)
+    batches = train_iterator(
+        source,
+        cfg,
+        global_batch=batch,
+        seed=0,
+        num_steps=steps + 1,
+        num_threads=os.cpu_count() or 1,
+    )
     next(batches)  # threads started, first batch ready
     start = time.perf_counter()
     for _ in batches:

@@ -71,10 +71,16 @@ def _process_share(
 
 
 def _threaded(
-    make_batch: Callable[[int], Batch], start: int, stop: int, num_threads: int, prefetch: int
+    make_batch: Callable[[int], Batch],
+    start: int,
+    stop: int,
+    num_threads: int,
+    prefetch: int | None,
 ) -> Iterator[Batch]:
     """``make_batch(i)`` for i = start … stop - 1, in order, up to ``prefetch`` of them computed
-    ahead by ``min(num_threads, prefetch)`` threads (``prefetch`` 0: synchronously)."""
+    ahead by ``min(num_threads, prefetch)`` threads (``prefetch`` None: as many as threads, so
+    every thread has a batch to work on; 0: synchronously)."""
+    prefetch = num_threads if prefetch is None else prefetch
     dataset = grain.MapDataset.range(start, stop).map(make_batch)
     # Grain can keep only ``prefetch`` items in flight and warns about idle extra threads.
     options = grain.ReadOptions(
@@ -94,7 +100,7 @@ def train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int = 8,
-    prefetch: int = 4,
+    prefetch: int | None = None,
 ) -> Iterator[Batch]:
     """This process's share of the training batches of steps ``start_step, start_step + 1, …``.
 
@@ -136,7 +142,7 @@ def eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int = 8,
-    prefetch: int = 4,
+    prefetch: int | None = None,
     normalised: bool = True,
 ) -> Iterator[Batch]:
     """This process's share of examples 0 … M-1 in order, M = min(limit, N), each once.
