@@ -32,7 +32,7 @@ from aig_jax.gates import GateOutput, check_gate_mode
 from aig_jax.kernels.gated_conv import gated_conv
 from aig_jax.models import BlockInfo, ModelOutput, ResNet
 from aig_jax.sharding import replicated
-from aig_jax.steps import Batch, EvalStep, eval_outputs
+from aig_jax.steps import Batch, EvalStep, eval_outputs, masked_eval_outputs
 
 PATHS = ("auto", "cond", "pallas", "masked")
 
@@ -252,15 +252,7 @@ def make_fast_eval_step(
                 batch["image"].shape[0] // mesh.devices.size, batch["image"].shape[1]
             )
         if gate_mode == "sample" or chosen == "masked":
-            out: ModelOutput = model.apply(  # type: ignore[assignment]  # no mutable collections
-                variables,
-                batch["image"],
-                train=False,
-                gate_mode=gate_mode,
-                thresholds=thresholds,
-                rngs={"gumbel": key},
-            )
-            return eval_outputs(out, batch, top_k)
+            return masked_eval_outputs(model, variables, batch, key, gate_mode, thresholds, top_k)
         folded = fold_variables(model, variables)
 
         def local(folded: Any, images: jax.Array, thresholds: jax.Array) -> tuple:

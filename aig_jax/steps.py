@@ -137,14 +137,27 @@ def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, *, top_k: int = 5)
         gate_mode: str,
         thresholds: jax.Array,
     ) -> dict[str, jax.Array]:
-        out: ModelOutput = model.apply(  # type: ignore[assignment]  # no mutable collections
-            variables,
-            batch["image"],
-            train=False,
-            gate_mode=gate_mode,
-            thresholds=thresholds,
-            rngs={"gumbel": key},
-        )
-        return eval_outputs(out, batch, top_k)
+        return masked_eval_outputs(model, variables, batch, key, gate_mode, thresholds, top_k)
 
     return jax.jit(step, static_argnums=(3,), out_shardings=replicated(mesh))
+
+
+def masked_eval_outputs(
+    model: nn.Module,
+    variables: dict[str, Any],
+    batch: Batch,
+    key: jax.Array,
+    gate_mode: str,
+    thresholds: jax.Array,
+    top_k: int,
+) -> dict[str, jax.Array]:
+    """The eval step's outputs (see :func:`make_eval_step`) from the masked model, traced."""
+    out: ModelOutput = model.apply(  # type: ignore[assignment]  # no mutable collections
+        variables,
+        batch["image"],
+        train=False,
+        gate_mode=gate_mode,
+        thresholds=thresholds,
+        rngs={"gumbel": key},
+    )
+    return eval_outputs(out, batch, top_k)
