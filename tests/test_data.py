@@ -15,8 +15,9 @@ from aig_jax.data import (
     train_transform,
 )
 from aig_jax.data.sources import ArraySource
+from tests.conftest import SHARED_DATA
 
-CIFAR_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10")
+CIFAR_DIR = os.path.join(SHARED_DATA, "cifar10")
 MINI_DIR = os.path.join(CIFAR_DIR, "mini")
 
 

@@ -29,6 +29,7 @@ from aig_jax.train_state import (
 )
 from aig_jax.trainer import train_and_evaluate
 from configs import default, tiny
+from tests.conftest import SHARED_DATA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -378,7 +379,7 @@ def test_tfds_source_trains_end_to_end_with_mock_data(tmp_path):
     assert len(results["argmax"]["layer_rates"]) == 3
 
 
-MINI = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10", "mini")
+MINI = os.path.join(SHARED_DATA, "cifar10", "mini")
 
 
 @pytest.mark.skipif(

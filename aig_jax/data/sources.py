@@ -95,8 +95,9 @@ def _read_shard(path: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
 def npz_source(dataset_cfg: Any, split: str) -> Source:
     """All ``*_{split}.npz`` / ``*_{split}_NN.npz`` shards of ``dataset_cfg.data_dir``, in order.
 
-    Shards hold ``image`` uint8 [N, H, W, 3] and ``label`` [N] (the format of
-    ``shared/data/cifar10/to_npz.py``); they are concatenated in sorted file-name order.
+    Shards hold ``image`` uint8 [N, H, W, 3] and ``label`` [N] (the format that
+    ``python -m aig_jax.data.cifar_archive`` writes); they are concatenated in sorted file-name
+    order.
     """
     data_dir = dataset_cfg.data_dir
     if data_dir is None or not os.path.isdir(data_dir):
