@@ -29,7 +29,6 @@ from aig_jax.checkpoint import CheckpointError, load_variables, read_meta, save_
 from aig_jax.convert_torch import (
     Converted,
     Naming,
-    abstract_variables,
     convert_reference_state_dict,
     convert_torchvision_state_dict,
     load_torch_state_dict,
@@ -39,6 +38,7 @@ from aig_jax.convert_torch import (
 from aig_jax.model_spec import ModelSpec
 from aig_jax.models import DEFAULT_NUM_CLASSES, ResNet, num_blocks
 from aig_jax.schedules import target_rates
+from aig_jax.train_state import abstract_variables
 
 
 def default_target_rate(name: str) -> float:

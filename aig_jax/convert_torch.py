@@ -21,7 +21,6 @@ PyTorch is optional (``pip install -e .[torch]``): only :func:`load_torch_state_
 
 from __future__ import annotations
 
-import functools
 import pickle
 from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
@@ -33,6 +32,7 @@ import numpy as np
 from flax import traverse_util
 
 from aig_jax.models import ResNet
+from aig_jax.train_state import abstract_variables
 
 Naming = Literal["reference", "torchvision"]
 Path = tuple[str, ...]  # (collection, module, ..., variable), e.g. ("params", "conv1", "kernel")
@@ -127,13 +127,6 @@ def key_map(model: ResNet, naming: Naming) -> list[Entry]:
     return entries + _layer("linear", _HEAD[naming], ("linear",))
 
 
-def abstract_variables(model: ResNet, in_channels: int = 3) -> dict[str, Any]:
-    """ShapeDtypeStructs of ``model``'s ``{"params", "batch_stats"}`` (nothing is computed)."""
-    x = jax.ShapeDtypeStruct((1, 32, 32, in_channels), jnp.float32)
-    init = functools.partial(model.init, train=False)
-    return dict(jax.eval_shape(init, {"params": jax.random.key(0)}, x))
-
-
 def _check_model(model: Any) -> ResNet:
     if not isinstance(model, ResNet):
         raise ValueError(f"conversion needs an aig_jax.models.ResNet, got {type(model).__name__}")
@@ -170,7 +163,7 @@ def _template(model: ResNet, naming: Naming, in_channels: int) -> dict[Entry, An
     Raises ``ValueError`` if the key map and the model's variables disagree (a block or gate
     of a fork that does not follow the reference layout).
     """
-    abstract = abstract_variables(model.clone(gated=True), in_channels)
+    abstract = abstract_variables(model.clone(gated=True), (32, 32, in_channels))
     leaves = traverse_util.flatten_dict(abstract)
     entries = key_map(model, naming)
     paths = {e.path for e in entries}

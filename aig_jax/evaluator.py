@@ -30,6 +30,7 @@ from aig_jax.model_spec import ModelSpec
 from aig_jax.report import analyse, write_report
 from aig_jax.sharding import check_batch_size, make_mesh, replicated
 from aig_jax.steps import EvalStep, make_eval_step
+from aig_jax.train_state import abstract_variables
 
 #: ``factory(model, mesh) -> EvalStep``: :func:`make_eval_step` or a drop-in faster step.
 EvalStepFactory = Callable[[nn.Module, jax.sharding.Mesh], EvalStep]
@@ -103,13 +104,11 @@ def restore(path: str, mesh: jax.sharding.Mesh, config: Any | None = None) -> Re
             )
     model = spec.build()
     size = config.dataset.image_size
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
-    )
     like = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), shapes
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)),
+        abstract_variables(model, (size, size, 3)),
     )
-    variables = checkpoint.load_variables(directory, step, dict(like))
+    variables = checkpoint.load_variables(directory, step, like)
     return Restored(spec, model, variables, config, directory, step)
 
 

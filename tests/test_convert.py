@@ -21,7 +21,6 @@ from aig_jax.blocks import BasicBlock, Bottleneck
 from aig_jax.checkpoint import load_variables, read_meta
 from aig_jax.convert import main
 from aig_jax.convert_torch import (
-    abstract_variables,
     convert_reference_state_dict,
     convert_torchvision_state_dict,
     load_torch_state_dict,
@@ -30,6 +29,7 @@ from aig_jax.convert_torch import (
 )
 from aig_jax.model_spec import ModelSpec
 from aig_jax.models import CIFAR_WIDTHS, IMAGENET_WIDTHS, ResNet, build_model, cifar_resnet
+from aig_jax.train_state import abstract_variables
 
 torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install -e .[torch]")
 F = torch.nn.functional
