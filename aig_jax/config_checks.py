@@ -43,6 +43,8 @@ def validate_config(config: Any) -> None:
     _check(config, "model", lambda v: v in MODELS, f"one of {MODELS.names()}")
     _check(config, "gate", lambda v: v in GATES, f"one of {GATES.names()}")
     _check(config, "dtype", lambda v: v in DTYPES, f"one of {sorted(DTYPES)}")
+    if "scan_blocks" in config:
+        _check(config, "scan_blocks", lambda v: isinstance(v, bool), "True or False")
     _check(config, "dataset.source", lambda v: v in SOURCES, f"one of {SOURCES.names()}")
     _check(config, "dataset.num_classes", _positive_int, "a positive integer")
     _check(config, "dataset.image_size", _positive_int, "a positive integer")

@@ -102,7 +102,7 @@ def restore(path: str, mesh: jax.sharding.Mesh, config: Any | None = None) -> Re
             raise checkpoint.CheckpointError(
                 f"the checkpoint in {directory} does not match the config: {problem}"
             )
-    model = spec.build()
+    model = spec.build(scan_blocks=config.get("scan_blocks", False))
     size = config.dataset.image_size
     like = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)),

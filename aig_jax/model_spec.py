@@ -82,8 +82,12 @@ class ModelSpec:
         """[L] float32 target rates, for the target-rate loss."""
         return np.asarray(self.rates, np.float32)
 
-    def build(self, dtype: str | None = None) -> nn.Module:
-        """The Flax model (optionally with another compute dtype, e.g. for evaluation)."""
+    def build(self, dtype: str | None = None, scan_blocks: bool = False) -> nn.Module:
+        """The Flax model (optionally with another compute dtype, e.g. for evaluation).
+
+        ``scan_blocks`` changes how the model is compiled, not its weights (see
+        :class:`aig_jax.models.ResNet`), so it is not part of the spec.
+        """
         return build_model(
             self.name,
             num_classes=self.num_classes,
@@ -91,6 +95,7 @@ class ModelSpec:
             gate=self.gate,
             gate_options=dict(self.gate_options),
             dtype=dtype or self.dtype,
+            scan_blocks=scan_blocks,
         )
 
     def mismatch(self, other: ModelSpec) -> str | None:

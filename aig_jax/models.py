@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from aig_jax.blocks import BasicBlock, Bottleneck, ResidualBlock, batch_norm, conv
-from aig_jax.gates import GATES, GumbelGate, check_gate_mode
+from aig_jax.gates import GATES, GateOutput, GumbelGate, check_gate_mode
 from aig_jax.registry import Registry
 
 CIFAR_WIDTHS = (16, 32, 64)
@@ -65,6 +65,11 @@ class ResNet(nn.Module):
       gated: one flag per block, or one bool for all blocks.
       gate_cls: the gate module class.
       dtype: compute dtype; parameters, gates and logits stay float32.
+      scan_blocks: apply each run of identical blocks (a stage's blocks after its first, with
+        the same gated flag) as one ``lax.scan`` over their stacked variables, so XLA compiles
+        one block body per run instead of one per block. Parameters keep the per-block layout
+        (checkpoints are interchangeable); outputs equal the unrolled model's, except that
+        sampled gates draw other Gumbel noise.
     """
 
     stage_sizes: Sequence[int]
@@ -75,6 +80,7 @@ class ResNet(nn.Module):
     gated: bool | tuple[bool, ...] = True
     gate_cls: Callable[..., nn.Module] = GumbelGate
     dtype: Any = jnp.float32
+    scan_blocks: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -160,23 +166,97 @@ class ResNet(nn.Module):
             x = conv(self.widths[0], 7, 2, "conv1", self.dtype)(x)
             x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        limits = jnp.full((len(infos),), 0.5) if thresholds is None else jnp.asarray(thresholds)
         decisions, probs = [], []
-        for i, info in enumerate(infos):
-            block = self.block_cls(
-                info.features,
-                strides=info.strides,
-                gated=info.gated,
-                gate_cls=self.gate_cls,
-                dtype=self.dtype,
-                name=info.name,
-            )
-            threshold = 0.5 if thresholds is None else thresholds[i]
-            x, gate = block(x, train=train, gate_mode=mode, threshold=threshold)
-            decisions.append(gate.decision)
-            probs.append(gate.prob)
+        scan = self.scan_blocks and not self.is_initializing()
+        for run in _runs(infos) if scan else [[i] for i in range(len(infos))]:
+            if len(run) == 1:
+                info = infos[run[0]]
+                block = self._block(info, name=info.name)
+                x, gate = block(x, train=train, gate_mode=mode, threshold=limits[run[0]])
+                decisions.append(gate.decision[None])
+                probs.append(gate.prob[None])
+            else:
+                x, gate = self._scan(
+                    [infos[i] for i in run], x, train, mode, limits[run[0] : run[-1] + 1]
+                )
+                decisions.append(gate.decision)
+                probs.append(gate.prob)
         x = jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
-        return ModelOutput(logits.astype(jnp.float32), jnp.stack(decisions), jnp.stack(probs))
+        return ModelOutput(
+            logits.astype(jnp.float32), jnp.concatenate(decisions), jnp.concatenate(probs)
+        )
+
+    def _block(self, info: BlockInfo, name: str | None = None) -> ResidualBlock:
+        return self.block_cls(
+            info.features,
+            strides=info.strides,
+            gated=info.gated,
+            gate_cls=self.gate_cls,
+            dtype=self.dtype,
+            name=name,
+        )
+
+    def _scan(
+        self,
+        run: Sequence[BlockInfo],
+        x: jax.Array,
+        train: bool,
+        mode: str,
+        thresholds: jax.Array,
+    ) -> tuple[jax.Array, GateOutput]:
+        """Apply the identical blocks ``run`` in order with one ``lax.scan``.
+
+        Each block's variables are read from its own subtree, stacked along a new leading axis
+        of length n = len(run), and the updated BatchNorm statistics are written back to the
+        same subtrees. ``x`` [B, H, W, C] → (output [B, H, W, C], gates with [n, B] fields).
+        """
+        block = self._block(run[0])  # unbound: applied as a pure function per step
+        names = [info.name for info in run]
+        stacked = {
+            col: jax.tree.map(lambda *a: jnp.stack(a), *[self.variables[col][n] for n in names])
+            for col in ("params", "batch_stats")
+        }
+        keys = (
+            jax.random.split(self.make_rng("gumbel"), len(run))
+            if mode == "sample"
+            else jnp.zeros((len(run),))
+        )
+
+        def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
+            variables, threshold, key = xs
+            rngs = {"gumbel": key} if mode == "sample" else {}
+            kwargs = dict(train=train, gate_mode=mode, threshold=threshold, rngs=rngs)
+            if not train:
+                h, gate = block.apply(variables, h, **kwargs)
+                return h, (gate, variables["batch_stats"])
+            (h, gate), updates = block.apply(variables, h, mutable=["batch_stats"], **kwargs)
+            return h, (gate, updates["batch_stats"])
+
+        x, (gates, stats) = jax.lax.scan(body, x, (stacked, thresholds, keys))
+        if train:
+            for i, name in enumerate(names):
+                self.put_variable("batch_stats", name, jax.tree.map(lambda a, i=i: a[i], stats))
+        return x, gates
+
+
+def _runs(infos: Sequence[BlockInfo]) -> list[list[int]]:
+    """Indices of ``infos`` grouped into runs of consecutive identical blocks.
+
+    Blocks are identical when their class, widths, stride and gated flag agree: then they have
+    the same shapes and variables and can share one compiled body.
+    """
+    runs: list[list[int]] = []
+    previous = None
+    for i, info in enumerate(infos):
+        key = dataclasses.replace(info, name="", stage=0, index=0)
+        if key == previous:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+        previous = key
+    return runs
 
 
 ModelFactory = Callable[..., nn.Module]
@@ -236,6 +316,7 @@ def build_model(
     gate: str = "gumbel",
     gate_options: Mapping[str, Any] | None = None,
     dtype: str = "float32",
+    scan_blocks: bool = False,
 ) -> nn.Module:
     """Build the registered model ``name``.
 
@@ -246,6 +327,8 @@ def build_model(
       gate: a name from :data:`aig_jax.gates.GATES`.
       gate_options: keyword arguments of the gate class, e.g. ``{"tau": 1.0}``.
       dtype: "float32" or "bfloat16" compute (parameters stay float32).
+      scan_blocks: apply runs of identical blocks with ``lax.scan`` (see :class:`ResNet`);
+        only for models that have the attribute.
     """
     factory = MODELS.get(name)
     if dtype not in DTYPES:
@@ -259,6 +342,10 @@ def build_model(
     if gate_options:
         gate_cls = functools.partial(gate_cls, **gate_options)
     model = factory(num_classes=num_classes, gated=flags, gate_cls=gate_cls, dtype=DTYPES[dtype])
+    if scan_blocks:
+        if not hasattr(model, "scan_blocks"):
+            raise ValueError(f"model {name!r} has no scan_blocks option")
+        model = model.clone(scan_blocks=True)
     model.block_infos()  # validates the gated flags against the depth now, not at first call
     return model
 

@@ -189,7 +189,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     mesh = make_mesh(config.get("num_devices") or None)
     check_batch_size(config.batch_size, mesh)
     spec = ModelSpec.from_config(config)
-    model = spec.build()
+    model = spec.build(scan_blocks=config.get("scan_blocks", False))
     train_source = make_source(config.dataset, config.dataset.train_split)
     eval_source = make_source(config.dataset, config.dataset.eval_split)
     spe = steps_per_epoch(len(train_source), config.batch_size)

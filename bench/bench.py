@@ -7,8 +7,9 @@ Usage (from the repository root)::
     python bench/bench.py --dtype bfloat16 --cache-dir /tmp/jax-cache
 
 One run measures, on whatever backend JAX finds: train-step and inference images/s of each
-gated model and of the ungated model of the same architecture; trace and compile time; peak
-device memory (where the backend reports it) and the compiled step's memory; the skipping
+gated model (its blocks unrolled, and scanned with ``scan_blocks``) and of the ungated model of
+the same architecture; trace and compile time; peak device memory (where the backend reports
+it) and the compiled step's memory; the skipping
 inference path against the masked one (batch 1 with ``lax.cond`` at an execution rate of 0.5,
 and at batch scale); a cold and a warm compile through JAX's persistent compilation cache; and
 the host input pipeline's images/s. It prints a table and writes JSON to
@@ -50,6 +51,9 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"models": [("resnet50", 64, 8), ("resnet110_cifar", 32, 16)], "iters": 3},
     "tiny": {"models": [("resnet8_cifar", 16, 4)], "iters": 1},
 }
+
+#: (result key, gated, scan_blocks) of each measured variant of a model.
+VARIANTS = (("gated", True, False), ("ungated", False, False), ("gated_scan", True, True))
 
 #: Calibrated thresholds on p(execute) that execute, and skip, a block for every image.
 ALWAYS, NEVER = -1.0, 2.0
@@ -104,8 +108,8 @@ def bench_model(name: str, size: int, batch: int, dtype: str, iters: int) -> dic
     result: dict[str, Any] = {"model": name, "image_size": size, "batch": batch, "dtype": dtype}
     data = _batch(size, batch, 10, mesh)
     key = jax.random.key(0)
-    for gated in (True, False):
-        model = build_model(name, num_classes=10, gated=gated, dtype=dtype)
+    for tag, gated, scan in VARIANTS:
+        model = build_model(name, num_classes=10, gated=gated, dtype=dtype, scan_blocks=scan)
         n = len(model.block_infos())
         tx = optax.sgd(0.01, momentum=0.9)
         state = jax.jit(
@@ -127,7 +131,6 @@ def bench_model(name: str, size: int, batch: int, dtype: str, iters: int) -> dic
         evals = make_eval_step(model, mesh)
         eval_c, eval_info = _compile(evals, variables, data, key, "argmax", thresholds)
         eval_s = _timed(lambda c=eval_c, v=variables, t=thresholds: c(v, data, key, t), iters)
-        tag = "gated" if gated else "ungated"
         result[tag] = {
             "train_images_per_s": batch / train_s,
             "infer_images_per_s": batch / eval_s,
@@ -135,12 +138,15 @@ def bench_model(name: str, size: int, batch: int, dtype: str, iters: int) -> dic
             "infer_compile": eval_info,
             "peak_device_bytes": _peak_bytes(),
         }
-        if gated:
+        if tag == "gated":
             result["gated"]["skipping"] = bench_skipping(model, variables, data, iters, mesh)
-    g, u = result["gated"], result["ungated"]
+    g, u, s = result["gated"], result["ungated"], result["gated_scan"]
     result["ratios"] = {
         "train_gated_over_ungated": g["train_images_per_s"] / u["train_images_per_s"],
         "infer_gated_over_ungated": g["infer_images_per_s"] / u["infer_images_per_s"],
+        "train_scan_over_unrolled": s["train_images_per_s"] / g["train_images_per_s"],
+        "compile_scan_over_unrolled": s["train_compile"]["compile_s"]
+        / g["train_compile"]["compile_s"],
     }
     return result
 
@@ -253,7 +259,7 @@ def table(results: dict[str, Any]) -> str:
     cache and input pipeline."""
     rows = [("model", "variant", "train img/s", "infer img/s", "compile s", "peak MiB")]
     for r in results["models"]:
-        for tag in ("gated", "ungated"):
+        for tag, _, _ in VARIANTS:
             m = r[tag]
             peak = m["peak_device_bytes"]
             rows.append(
@@ -271,7 +277,9 @@ def table(results: dict[str, Any]) -> str:
     for r in results["models"]:
         lines.append(
             f"{r['model']}: gated/ungated train {_fmt(r['ratios']['train_gated_over_ungated'])}, "
-            f"infer {_fmt(r['ratios']['infer_gated_over_ungated'])}"
+            f"infer {_fmt(r['ratios']['infer_gated_over_ungated'])}; scanned/unrolled blocks "
+            f"train {_fmt(r['ratios']['train_scan_over_unrolled'])}, compile time "
+            f"{_fmt(r['ratios']['compile_scan_over_unrolled'])}"
         )
         for label, s in r["gated"]["skipping"].items():
             if label.startswith("batch1"):

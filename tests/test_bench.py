@@ -33,13 +33,18 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
     assert results["backend"] == "cpu" and results["jax_version"] and results["device"]
     (model,) = results["models"]
     assert model["model"] == "resnet8_cifar"
-    for tag in ("gated", "ungated"):
+    for tag in ("gated", "ungated", "gated_scan"):
         m = model[tag]
         assert _positive(m["train_images_per_s"]) and _positive(m["infer_images_per_s"])
         assert _positive(m["train_compile"]["compile_s"])
         assert m["train_compile"]["compiled_bytes"] > 0
         assert m["peak_device_bytes"] is None  # the CPU backend reports no memory statistics
-    assert set(model["ratios"]) == {"train_gated_over_ungated", "infer_gated_over_ungated"}
+    assert set(model["ratios"]) == {
+        "train_gated_over_ungated",
+        "infer_gated_over_ungated",
+        "train_scan_over_unrolled",
+        "compile_scan_over_unrolled",
+    }
     skipping = model["gated"]["skipping"]
     # 3 blocks: execute, skip, execute
     assert skipping["batch1_rate_0.5"]["rate"] == pytest.approx(2 / 3)

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aig_jax.models import MODELS, build_model, num_blocks
+from aig_jax.blocks import Bottleneck
+from aig_jax.models import MODELS, ResNet, build_model, num_blocks
 from aig_jax.schedules import gated_flags, target_rates
 
 RNGS = {"params": jax.random.key(0), "gumbel": jax.random.key(1)}
@@ -105,3 +106,85 @@ def test_bad_inputs_raise_clear_errors():
         build_model("resnet8_cifar", dtype="fp16")
     with pytest.raises(ValueError, match="depth must be 6n\\+2"):
         MODELS.get("resnet8_cifar").func(9)
+
+
+def _max_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda p, q: float(jnp.max(jnp.abs(p - q))), a, b)))
+
+
+def _small_bottleneck_resnet(**kwargs):
+    # Bottleneck blocks, with gated and ungated blocks interleaved inside a stage.
+    gated = (True, False, True, True) + (False, True, True, False, False)
+    return ResNet(
+        stage_sizes=(4, 5),
+        block_cls=Bottleneck,
+        widths=(4, 8),
+        stem="imagenet",
+        num_classes=5,
+        gated=gated,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "size"),
+    [
+        (lambda **kw: build_model("resnet14_cifar", num_classes=5, **kw), 16),
+        (_small_bottleneck_resnet, 32),
+    ],
+    ids=["cifar", "bottleneck"],
+)
+def test_scanned_blocks_equal_the_unrolled_model(make, size):
+    model, scanned = make(), make(scan_blocks=True)
+    x = jax.random.normal(jax.random.key(2), (4, size, size, 3))
+    variables = model.init(RNGS, x, train=True)
+    # Same initial variables: scanning does not change the parameter layout.
+    assert _max_diff(variables, scanned.init(RNGS, x, train=True)) == 0
+    n = len(model.block_infos())
+    thresholds = jnp.linspace(0.2, 0.8, n)
+    for mode in ("argmax", "calibrated"):  # "open" is checked with gradients below
+        a, b = (
+            jax.jit(lambda v, net=net: net.apply(v, x, gate_mode=mode, thresholds=thresholds))(
+                variables
+            )
+            for net in (model, scanned)
+        )
+        np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+        np.testing.assert_array_equal(a.gates, b.gates)
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+
+    def loss(params, net):
+        out, updates = net.apply(
+            {**variables, "params": params},
+            x,
+            train=True,
+            gate_mode="open",
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(out.logits**2), updates["batch_stats"]
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (la, stats_a), ga = grad(variables["params"], model)
+    (lb, stats_b), gb = grad(variables["params"], scanned)
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    # Every block's running statistics come back to its own subtree, updated.
+    assert jax.tree.structure(stats_a) == jax.tree.structure(stats_b)
+    assert _max_diff(stats_a, stats_b) < 1e-4
+    assert _max_diff(stats_a, variables["batch_stats"]) > 1e-3
+    assert _max_diff(ga, gb) < 1e-4 * max(1.0, float(la))
+
+
+def test_scanned_sampled_gates_are_reproducible_per_key():
+    model = build_model("resnet14_cifar", scan_blocks=True)
+    x = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))
+    variables = model.init(RNGS, x, train=True)
+
+    def sample(key):
+        out, _ = model.apply(
+            variables, x, train=True, rngs={"gumbel": key}, mutable=["batch_stats"]
+        )
+        return out.gates
+
+    first = sample(jax.random.key(5))
+    np.testing.assert_array_equal(first, sample(jax.random.key(5)))
+    assert first.shape == (6, 8) and not np.array_equal(first, sample(jax.random.key(6)))
