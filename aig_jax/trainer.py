@@ -8,6 +8,7 @@ and per-class gate execution rates.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -83,6 +84,49 @@ def _meta(spec: ModelSpec, config: Any, step: int, steps_per_epoch_: int) -> dic
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, Any]:
     fetched = jax.device_get(pending)
     return {k: np.mean([m[k] for m in fetched], axis=0) for k in fetched[0]}
+
+
+class LoopTimer:
+    """Training throughput between log lines, leaving out evaluation and checkpointing.
+
+    ``input_wait_fraction`` is the share of the training time the loop spent waiting for the
+    host input pipeline: near 0 when the device (or dispatch) is the bottleneck, near 1 when
+    the pipeline starves the device.
+    """
+
+    def __init__(self, step: int) -> None:
+        self._tick = time.perf_counter()
+        self._step = step
+        self._paused = 0.0
+        self._waited = 0.0
+
+    def wait_for(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+        """The next batch (None at the end), timing the wait."""
+        start = time.perf_counter()
+        batch = next(batches, None)
+        self._waited += time.perf_counter() - start
+        return batch
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside is not training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - start
+
+    def lap(self, step: int, batch_size: int) -> dict[str, float]:
+        """``images_per_sec`` and ``input_wait_fraction`` since the last lap (the metrics
+        fetched just before were waited for, so the device has finished those steps)."""
+        now = time.perf_counter()
+        seconds = max(now - self._tick - self._paused, 1e-9)
+        out = {
+            "images_per_sec": (step - self._step) * batch_size / seconds,
+            "input_wait_fraction": self._waited / seconds,
+        }
+        self._tick, self._step, self._paused, self._waited = now, step, 0.0, 0.0
+        return out
 
 
 def _restore_or_init(
@@ -237,21 +281,19 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         )  # fmt: skip
         pending: list[dict[str, jax.Array]] = []
         step = start
-        tick, tick_step = time.perf_counter(), start
+        timer = LoopTimer(start)
         show = jax.process_index() == 0 and config.get("progress", True)
         bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not show)
-        for local in _batches(config, train_source, start, total):
+        batches = _batches(config, train_source, start, total)
+        while (local := timer.wait_for(batches)) is not None:
             state, metrics = train_step(state, shard_batch(local, mesh), key)
             pending.append(metrics)
             step += 1
             bar.update(1)
             if step % config.log_every_steps == 0 or step == total or stop.requested:
-                summary = _mean_metrics(pending)
+                summary = {**_mean_metrics(pending), **timer.lap(step, config.batch_size)}
                 pending = []
-                now = time.perf_counter()
-                summary["images_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
                 summary["epoch"] = step / spe
-                tick, tick_step = now, step
                 writer.write(step, "train", summary)
                 bar.set_postfix(
                     loss=f"{summary['loss']:.3f}",
@@ -259,10 +301,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                     exec=f"{np.mean(summary['gate_rates']):.2f}",
                     img_s=f"{summary['images_per_sec']:.0f}",
                 )
-            if step % eval_every == 0 or step == total:
-                results = evaluate(state=state, step=step)
-            if step % config.checkpoint_every_steps == 0 or step == total or stop.requested:
-                ckpt.save(step, state.variables, state.opt_state, _meta(spec, config, step, spe))
+            with timer.paused():
+                if step % eval_every == 0 or step == total:
+                    results = evaluate(state=state, step=step)
+                if step % config.checkpoint_every_steps == 0 or step == total or stop.requested:
+                    ckpt.save(
+                        step, state.variables, state.opt_state, _meta(spec, config, step, spe)
+                    )
             if stop.requested:
                 break
         bar.close()

@@ -114,7 +114,7 @@ def _max_diff(a, b):
 
 def _small_bottleneck_resnet(**kwargs):
     # Bottleneck blocks, with gated and ungated blocks interleaved inside a stage.
-    gated = (True, False, True, True) + (False, True, True, False, False)
+    gated = (True, False, True, True, False, True, True, False, False)  # stages of 4 and 5
     return ResNet(
         stage_sizes=(4, 5),
         block_cls=Bottleneck,
@@ -144,7 +144,7 @@ def test_scanned_blocks_equal_the_unrolled_model(make, size):
     thresholds = jnp.linspace(0.2, 0.8, n)
     for mode in ("argmax", "calibrated"):  # "open" is checked with gradients below
         a, b = (
-            jax.jit(lambda v, net=net: net.apply(v, x, gate_mode=mode, thresholds=thresholds))(
+            jax.jit(lambda v, net=net, m=mode: net.apply(v, x, gate_mode=m, thresholds=thresholds))(
                 variables
             )
             for net in (model, scanned)

@@ -27,7 +27,7 @@ from aig_jax.train_state import (
     learning_rate_schedule,
     make_optimizer,
 )
-from aig_jax.trainer import train_and_evaluate
+from aig_jax.trainer import LoopTimer, train_and_evaluate
 from configs import default, tiny
 from tests.conftest import SHARED_DATA
 
@@ -210,7 +210,7 @@ def test_resume_gives_the_same_parameters_and_metrics(uninterrupted, tmp_path):
     assert a_meta["step"] == b_meta["step"] == 6
     assert_trees_close(a_vars, b_vars, atol=1e-6)
     assert_trees_close(a_opt, b_opt, atol=1e-6)
-    ignore = ("images_per_sec", "kind")
+    ignore = ("images_per_sec", "input_wait_fraction", "kind")
     a = {m["step"]: m for m in read_metrics(uninterrupted, "train")}
     b = {m["step"]: m for m in read_metrics(workdir, "train")}
     assert sorted(b) == [1, 2, 3, 4, 5, 6]  # each step logged once
@@ -421,3 +421,26 @@ def test_real_cifar10_subset_learns_and_gates_move_to_the_target(tmp_path):
     first, last = np.array(logged[0]["gate_rates"]), np.array(logged[-1]["gate_rates"])
     assert first.mean() > 0.75 and abs(last.mean() - 0.6) < 0.1
     assert abs(np.mean(results["layer_rates"]) - 0.6) < 0.15
+
+
+def test_loop_timer_leaves_out_pauses_and_measures_input_waits():
+    def slow_batches(n, seconds):
+        for i in range(n):
+            time.sleep(seconds)
+            yield {"i": i}
+
+    timer = LoopTimer(step=10)
+    batches = slow_batches(4, 0.05)
+    steps = 10
+    while timer.wait_for(batches) is not None:
+        time.sleep(0.05)  # the "step"
+        steps += 1
+        with timer.paused():
+            time.sleep(0.25)  # evaluation / checkpointing: not training time
+    lap = timer.lap(steps, batch_size=8)
+    # 0.4 s of training, half of it waiting for input; the 1 s of pauses is left out
+    # (counting it would give 4 · 8 / 1.4 ≈ 23 images/s).
+    assert 0.35 < lap["input_wait_fraction"] < 0.65
+    assert 0.6 * 80 < lap["images_per_sec"] < 1.05 * 80
+    again = timer.lap(steps, batch_size=8)  # a new interval: no steps, nothing waited
+    assert again["images_per_sec"] == 0 and again["input_wait_fraction"] == 0
