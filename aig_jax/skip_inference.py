@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from aig_jax.blocks import BN_EPSILON
 from aig_jax.gates import GateOutput, check_gate_mode
-from aig_jax.kernels.gated_conv import gated_conv
+from aig_jax.kernels.gated_conv import gated_conv, tile_sizes
 from aig_jax.models import BlockInfo, ModelOutput, ResNet
 from aig_jax.sharding import replicated
 from aig_jax.steps import Batch, EvalStep, eval_outputs, masked_eval_outputs
@@ -192,6 +192,10 @@ def _skipping_branch(
     if path == "pallas":
 
         def gated(x: jax.Array, folded: Folded, stride: int, relu: bool) -> jax.Array:
+            _, h, w, c_in = x.shape
+            h_out, w_out, c_out = -(-h // stride), -(-w // stride), folded["kernel"].shape[-1]
+            whole = h_out * w_out * c_out <= WHOLE_IMAGE_TILE
+            tiles = {} if whole else tile_sizes(h_out, w_out, c_in, c_out)
             return gated_conv(
                 x,
                 folded["kernel"],
@@ -200,6 +204,7 @@ def _skipping_branch(
                 decision,
                 stride=stride,
                 relu=relu,
+                **tiles,
             )
 
         return _branch(x, convs, info, gated)
@@ -215,6 +220,11 @@ def _skipping_branch(
 #: Largest image side at which the Pallas kernel is used by "auto" on accelerators: it was
 #: verified on an H100 at CIFAR sizes, while at ImageNet sizes one image per program is too big.
 PALLAS_MAX_IMAGE = 32
+
+#: Largest output (pixels × channels) computed as one whole-image tile, the largest verified on
+#: an H100 (32×32×16, ResNet-110's first stage); larger layers are cut with
+#: :func:`~aig_jax.kernels.gated_conv.tile_sizes`.
+WHOLE_IMAGE_TILE = 32 * 32 * 16
 
 
 def choose_path(per_device_batch: int, image_size: int) -> str:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aig_jax.kernels.gated_conv import gated_conv
+from aig_jax.kernels.gated_conv import gated_conv, tile_sizes
 
 
 def _reference(x, kernel, scale, bias, gate, stride, relu):
@@ -46,6 +46,40 @@ def test_gated_conv_equals_the_gated_xla_convolution(k, stride, relu, size, pow2
     assert not np.asarray(got[1]).any()  # skipped: zeros, not the bias
 
 
+@pytest.mark.parametrize(
+    ("k", "stride", "size", "pow2_tiles", "tiles"),
+    [
+        # 3 row blocks of 3 (9 rows, the last 2 padding), 2 output and 2 input channel blocks.
+        (3, 1, 7, False, {"rows": 3, "cout_block": 4, "cin_block": 4}),
+        # Stride 2: each row block's input window starts 2·rows further down.
+        (3, 2, 11, False, {"rows": 2, "cout_block": 2, "cin_block": 2}),
+        # The GPU layout: 14×14 outputs on 16-wide rows, 4 row blocks of 4.
+        (1, 1, 14, True, {"rows": 4, "cout_block": 8, "cin_block": 8}),
+    ],
+)
+def test_row_and_channel_tiles_equal_the_gated_xla_convolution(k, stride, size, pow2_tiles, tiles):
+    keys = jax.random.split(jax.random.key(size), 4)
+    x = jax.random.normal(keys[0], (3, size, size, 8))
+    kernel = jax.random.normal(keys[1], (k, k, 8, 8))
+    scale = jax.random.uniform(keys[2], (8,), minval=0.5, maxval=1.5)
+    bias = jax.random.normal(keys[3], (8,))
+    gate = jnp.array([0.0, 1.0, 1.0])
+    got = gated_conv(
+        x, kernel, scale, bias, gate, stride=stride, relu=True, pow2_tiles=pow2_tiles, **tiles
+    )
+    expected = _reference(x, kernel, scale, bias, gate, stride, True)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    assert not np.asarray(got[0]).any()
+
+
+def test_tile_sizes_for_resnet50_layers():
+    # 56×56 outputs on 64-wide rows: 2 rows (128 pixels) per tile; channels in blocks of 128.
+    assert tile_sizes(56, 56, 64, 256) == {"rows": 2, "cout_block": 128, "cin_block": 64}
+    # 7×7 outputs (8-wide rows): the whole image (8 padded rows) in one row block.
+    assert tile_sizes(7, 7, 512, 512) == {"rows": 8, "cout_block": 128, "cin_block": 128}
+
+
 def test_gated_conv_keeps_bfloat16_activations():
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)).astype(jnp.bfloat16)
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
@@ -64,3 +98,7 @@ def test_gated_conv_errors_name_the_bad_shape():
         gated_conv(x, jnp.zeros((3, 3, 5, 4)), jnp.ones(4), jnp.zeros(4), jnp.ones(2))
     with pytest.raises(ValueError, match=r"\(2,\), got \(3,\)"):
         gated_conv(x, jnp.zeros((3, 3, 3, 4)), jnp.ones(4), jnp.zeros(4), jnp.ones(3))
+    with pytest.raises(ValueError, match="cout_block = 3 must be a positive divisor of 4"):
+        gated_conv(x, jnp.zeros((3, 3, 3, 4)), jnp.ones(4), jnp.zeros(4), jnp.ones(2), cout_block=3)
+    with pytest.raises(ValueError, match="rows = 0"):
+        gated_conv(x, jnp.zeros((3, 3, 3, 4)), jnp.ones(4), jnp.zeros(4), jnp.ones(2), rows=0)

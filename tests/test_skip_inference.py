@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from aig_jax import skip_inference
 from aig_jax.blocks import Bottleneck
 from aig_jax.models import ResNet, build_model
 from aig_jax.sharding import make_mesh, shard_batch
@@ -100,6 +101,17 @@ def test_skip_forward_equals_the_masked_model(make, batch, mode, path):
         assert 0 < gated.mean() < 1
 
 
+def test_pallas_path_with_row_and_channel_tiles_equals_the_masked_model(monkeypatch):
+    # Cut every branch convolution into one-row tiles with half the channels per block.
+    monkeypatch.setattr(skip_inference, "WHOLE_IMAGE_TILE", 0)
+    monkeypatch.setattr(
+        skip_inference,
+        "tile_sizes",
+        lambda h, w, c_in, c_out: {"rows": 1, "cout_block": c_out // 2, "cin_block": c_in // 2},
+    )
+    test_skip_forward_equals_the_masked_model(_bottleneck, 4, "calibrated", "pallas")
+
+
 def _batch(x):
     n = x.shape[0]
     return {
@@ -181,8 +193,6 @@ def test_errors_name_the_bad_value():
 
 
 def test_auto_path_uses_pallas_only_where_it_was_verified(monkeypatch):
-    from aig_jax import skip_inference
-
     assert skip_inference.choose_path(1, 224) == "cond"
     assert skip_inference.choose_path(64, 32) == "cond"  # CPU: Pallas would only interpret
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
