@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from aig_jax.models import ModelOutput
 from aig_jax.sharding import batch_sharded, shard_batch
-
-PIXEL_MAX = 255.0
+from aig_jax.steps import PIXEL_MAX, normalise_pixels
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 AttackStep = Callable[..., jax.Array]
@@ -91,8 +90,6 @@ def make_attack_step(
     for "calibrated"); the loss is the cross-entropy summed over the batch, so each image's
     gradient is its own. Returns float32 [B, H, W, 3] pixels, sharded like the batch.
     """
-    scale = 1.0 / (PIXEL_MAX * jnp.asarray(std, jnp.float32))
-    shift = jnp.asarray(mean, jnp.float32) / jnp.asarray(std, jnp.float32)
 
     def step(
         variables: Mapping[str, Any],
@@ -106,7 +103,7 @@ def make_attack_step(
         def loss_fn(x: jax.Array, k: jax.Array) -> jax.Array:
             out: ModelOutput = model.apply(  # type: ignore[assignment]  # no mutable collections
                 variables,
-                x * scale - shift,
+                normalise_pixels(x, mean, std),
                 train=False,
                 gate_mode=gate_mode,
                 thresholds=thresholds,

@@ -9,7 +9,7 @@ reference's DataParallel normalised each GPU's share separately.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +24,19 @@ from aig_jax.sharding import replicated
 from aig_jax.train_state import TrainState
 
 Batch = dict[str, jax.Array]
+
+#: Pixel values span 0 … PIXEL_MAX (uint8 images).
+PIXEL_MAX = 255.0
+
+
+def normalise_pixels(pixels: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """``(pixels / 255 - mean) / std`` per channel, traced: pixels [..., 3] in 0–255 (uint8 or
+    float) → float32 [..., 3]; ``mean``/``std`` on the 0–1 scale, as the host pipeline's."""
+    scale = 1.0 / (PIXEL_MAX * jnp.asarray(std, jnp.float32))
+    shift = jnp.asarray(mean, jnp.float32) / jnp.asarray(std, jnp.float32)
+    return pixels.astype(jnp.float32) * scale - shift
+
+
 TrainStep = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
 
@@ -36,6 +49,7 @@ def make_train_step(
     normalize: str = "gated",
     learning_rate: optax.Schedule | None = None,
     donate: bool = True,
+    pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> TrainStep:
     """Build ``step(state, batch, key) -> (state, metrics)``, jit-compiled with donated state.
 
@@ -47,19 +61,27 @@ def make_train_step(
       normalize: "gated" or "all" (see :func:`aig_jax.losses.target_rate_loss`).
       learning_rate: schedule whose value is reported in the metrics.
       donate: donate the input state's buffers (they are dead after the call).
+      pixel_stats: ``(mean, std)`` on the 0–1 scale: the batch's images are then uint8 pixels
+        [B, H, W, 3], normalised on the device (see :func:`normalise_pixels`).
 
-    ``batch`` holds ``image`` [B, H, W, C] float32 and ``label`` [B] int32, sharded over
-    ``data``. Metrics are scalars except ``gate_rates`` [L] (execution rate of each block).
+    ``batch`` holds ``image`` [B, H, W, C] float32 (normalised; uint8 with ``pixel_stats``)
+    and ``label`` [B] int32, sharded over ``data``. Metrics are scalars except
+    ``gate_rates`` [L] (execution rate of each block).
     """
     targets_arr = jnp.asarray(targets, jnp.float32)
 
     def step(state: TrainState, batch: Batch, key: jax.Array) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(key, state.step)
+        images = (
+            batch["image"]
+            if pixel_stats is None
+            else normalise_pixels(batch["image"], *pixel_stats)
+        )
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple]:
             out, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
-                batch["image"],
+                images,
                 train=True,
                 gate_mode="sample",
                 rngs={"gumbel": rng},

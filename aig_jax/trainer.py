@@ -219,6 +219,7 @@ def _batches(config: Any, source: Any, start: int, total: int) -> Iterator[dict[
         start_step=start,
         num_steps=total - start,
         num_threads=config.get("data_threads", 8),
+        normalised=False,  # uint8 to the device, normalised there by the train step
     )
 
 
@@ -260,6 +261,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             target_weight=config.target_weight,
             normalize=config.target_loss_normalize,
             learning_rate=schedule,
+            pixel_stats=(config.dataset.mean, config.dataset.std),
         )
         eval_step = make_eval_step(model, mesh)
         evaluate = functools.partial(

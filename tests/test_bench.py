@@ -55,3 +55,4 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
     assert _positive(cache["cold_compile_s"]) and _positive(cache["warm_compile_s"])
     assert [p["preprocess"] for p in results["pipeline"]] == ["cifar", "imagenet"]
     assert all(_positive(p["images_per_s"]) for p in results["pipeline"])
+    assert all(_positive(p["host_normalised_images_per_s"]) for p in results["pipeline"])

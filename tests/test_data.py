@@ -162,6 +162,21 @@ def test_same_seed_same_batches_and_resume_is_the_tail():
     assert not np.array_equal(full[0]["image"], other[0]["image"])
 
 
+@pytest.mark.parametrize("preprocess", ["cifar", "imagenet"])
+def test_uint8_batches_are_the_normalised_batches_before_normalisation(preprocess):
+    cfg = make_cfg(preprocess=preprocess, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    stored = 32 if preprocess == "cifar" else 40  # the imagenet recipe crops and resizes
+    source = make_source(make_cfg(num_examples=40, image_size=stored), "train")
+    kwargs = {"global_batch": 8, "seed": 3, "num_steps": 2}
+    floats = collect(train_iterator(source, cfg, **kwargs))
+    pixels = collect(train_iterator(source, cfg, normalised=False, **kwargs))
+    for f, p in zip(floats, pixels, strict=True):
+        assert p["image"].dtype == np.uint8 and p["image"].shape == (8, 32, 32, 3)
+        expected = (p["image"] / 255 - np.array(cfg.mean)) / np.array(cfg.std)
+        np.testing.assert_allclose(f["image"], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(f["label"], p["label"])
+
+
 def test_each_epoch_visits_every_example_once():
     source = indexed_source(22)  # 5 steps of 4 per epoch; 2 examples dropped per epoch
     cfg = make_cfg(preprocess="none", image_size=8)

@@ -183,6 +183,35 @@ def test_eight_device_step_equals_one_device_step():
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
 
 
+def test_uint8_batches_normalised_on_the_device_train_like_host_normalised_ones():
+    config = small_config()
+    spec = ModelSpec.from_config(config)
+    model = spec.build()
+    tx = make_optimizer(config, 4)
+    state0 = create_train_state(model, tx, (8, 8, 3), seed=0)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 16).astype(np.int32)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    host = ((pixels / 255 - np.array(mean)) / np.array(std)).astype(np.float32)
+    mesh = make_mesh(1)
+    results = []
+    with jax.set_mesh(mesh):
+        for batch, stats in (({"image": host}, None), ({"image": pixels}, (mean, std))):
+            step = make_train_step(
+                model, tx, spec.targets, target_weight=2.0, donate=False, pixel_stats=stats
+            )
+            state, metrics = step(
+                replicate(state0, mesh),
+                shard_batch({**batch, "label": labels}, mesh),
+                jax.random.key(3),
+            )
+            results.append(jax.device_get((state.params, metrics["loss"])))
+    (p_host, loss_host), (p_device, loss_device) = results
+    np.testing.assert_allclose(loss_host, loss_device, rtol=1e-5)
+    assert_trees_close(p_host, p_device, atol=1e-5)
+
+
 def test_batch_not_divisible_by_the_devices_is_refused():
     with pytest.raises(ValueError, match=r"12.*8 devices|8 devices.*12"):
         train_and_evaluate(small_config(batch_size=12, num_devices=8), "/nonexistent/never")

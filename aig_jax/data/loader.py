@@ -101,13 +101,15 @@ def train_iterator(
     process_count: int | None = None,
     num_threads: int = 8,
     prefetch: int | None = None,
+    normalised: bool = True,
 ) -> Iterator[Batch]:
     """This process's share of the training batches of steps ``start_step, start_step + 1, …``.
 
     ``cfg`` is the dataset config (preprocessing fields). Yields ``{"image": float32 [b, S, S,
     3], "label": int32 [b]}``, b = global_batch / process_count (defaults: JAX's process index
     and count), for ``num_steps`` steps (None: endlessly). Batches depend only on ``(seed,
-    step)``; see the module docstring.
+    step)``; see the module docstring. ``normalised=False`` yields the augmented uint8 pixels
+    instead, for a step that normalises on the device (a quarter of the bytes to move).
     """
     num_examples = len(source)
     spe = steps_per_epoch(num_examples, global_batch)
@@ -126,7 +128,9 @@ def train_iterator(
         first = position * global_batch + p * b
         images, labels = source.read(order(epoch)[first : first + b])
         rng = np.random.default_rng([seed, AUGMENT_STREAM, step])
-        image = train_transform(images, rng, cfg, offset=p * b, global_batch=global_batch)
+        image = train_transform(
+            images, rng, cfg, offset=p * b, global_batch=global_batch, normalised=normalised
+        )
         return {"image": image, "label": np.asarray(labels, np.int32)}
 
     stop = sys.maxsize if num_steps is None else start_step + num_steps

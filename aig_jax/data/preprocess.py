@@ -40,13 +40,15 @@ def train_transform(
     *,
     offset: int = 0,
     global_batch: int | None = None,
+    normalised: bool = True,
 ) -> np.ndarray:
     """Augment and normalise ``images``, this process's slice of a global batch.
 
     ``images``: uint8 [n, H, W, 3] or a list of n uint8 [h, w, 3] arrays (imagenet recipe
     only), examples ``offset … offset + n - 1`` of a global batch of ``global_batch`` (default
     n). ``rng`` draws the random parameters of all ``global_batch`` examples, so the result
-    does not depend on how the global batch is split. Returns float32 [n, S, S, 3].
+    does not depend on how the global batch is split. Returns float32 [n, S, S, 3], or with
+    ``normalised=False`` the augmented uint8 pixels (normalised later, e.g. on the device).
     """
     n = len(images)
     total = n if global_batch is None else global_batch
@@ -58,11 +60,13 @@ def train_transform(
     kind = _kind(cfg)
     if kind == "cifar":
         params = _slice(_cifar_params(rng, total, cfg), offset, n)
-        return normalise(_cifar_train(_fixed_size(images, cfg), params, cfg), cfg)
-    if kind == "imagenet":
+        pixels = _cifar_train(_fixed_size(images, cfg), params, cfg)
+    elif kind == "imagenet":
         params = _slice(_imagenet_params(rng, total, cfg), offset, n)
-        return normalise(_imagenet_train(images, params, cfg.image_size), cfg)
-    return normalise(_fixed_size(images, cfg), cfg)
+        pixels = _imagenet_train(images, params, cfg.image_size)
+    else:
+        pixels = _fixed_size(images, cfg)
+    return normalise(pixels, cfg) if normalised else pixels
 
 
 def eval_transform(images: Images, cfg: Any, *, normalised: bool = True) -> np.ndarray:
