@@ -47,10 +47,25 @@ from configs import default
 
 #: (model, image size, batch) per size; "tiny" is for the test that the script runs.
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"models": [("resnet50", 224, 256), ("resnet110_cifar", 32, 256)], "iters": 10},
-    "small": {"models": [("resnet50", 64, 8), ("resnet110_cifar", 32, 16)], "iters": 3},
-    "tiny": {"models": [("resnet8_cifar", 16, 4)], "iters": 1},
+    "full": {
+        "models": [("resnet50", 224, 256), ("resnet110_cifar", 32, 256)],
+        "pipeline": [("cifar", 32, 256), ("imagenet", 224, 256)],
+        "iters": 10,
+    },
+    "small": {
+        "models": [("resnet50", 64, 8), ("resnet110_cifar", 32, 16)],
+        "pipeline": [("cifar", 32, 256), ("imagenet", 224, 64)],
+        "iters": 3,
+    },
+    "tiny": {
+        "models": [("resnet8_cifar", 16, 4)],
+        "pipeline": [("cifar", 32, 16), ("imagenet", 64, 8)],
+        "iters": 1,
+    },
 }
+
+#: What one run measures, in order; ``--sections`` picks some.
+SECTIONS = ("compile_cache", "models", "pipeline")
 
 #: (result key, gated, scan_blocks) of each measured variant of a model.
 VARIANTS = (("gated", True, False), ("ungated", False, False), ("gated_scan", True, True))
@@ -285,7 +300,7 @@ def table(results: dict[str, Any]) -> str:
     """The results as aligned text rows: one per model and variant, then skipping, compile
     cache and input pipeline."""
     rows = [("model", "variant", "train img/s", "infer img/s", "compile s", "peak MiB")]
-    for r in results["models"]:
+    for r in results.get("models", []):
         for tag, _, _ in VARIANTS:
             m = r[tag]
             peak = m["peak_device_bytes"]
@@ -301,7 +316,7 @@ def table(results: dict[str, Any]) -> str:
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    for r in results["models"]:
+    for r in results.get("models", []):
         lines.append(
             f"{r['model']}: gated/ungated train {_fmt(r['ratios']['train_gated_over_ungated'])}, "
             f"infer {_fmt(r['ratios']['infer_gated_over_ungated'])}; scanned/unrolled blocks "
@@ -329,7 +344,7 @@ def table(results: dict[str, Any]) -> str:
             f"{c['model']} train-step compile: cold {_fmt(c['cold_compile_s'])} s, "
             f"warm (persistent cache) {_fmt(c['warm_compile_s'])} s"
         )
-    for p in results["pipeline"]:
+    for p in results.get("pipeline", []):
         lines.append(
             f"input pipeline {p['preprocess']} {p['image_size']}² b{p['batch']}: "
             f"{_fmt(p['images_per_s'])} img/s uint8 (normalised on the host: "
@@ -365,6 +380,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="skip the cold/warm persistent-cache compile measurement (two long compiles)",
     )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="measure only these sections (default: all)",
+    )
     args = parser.parse_args(argv)
     setting = SIZES[args.size or "full"]
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="aig-jax-cache-")
@@ -392,21 +414,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             json.dump(results, f, indent=2)
 
     name, img, batch = setting["models"][-1]  # the CIFAR model: AIG-ResNet-110 unless tiny
-    if not args.no_compile_cache:
+    if "compile_cache" in args.sections and not args.no_compile_cache:
         results["compile_cache"] = bench_compile_cache(name, img, batch, args.dtype)
         save()
     if args.cache_dir is None:  # the timings below are then cold compiles
         jax.config.update("jax_enable_compilation_cache", False)
-    results["models"] = []
-    for name, img, batch in setting["models"]:
-        results["models"].append(bench_model(name, img, batch, args.dtype, setting["iters"]))
+    if "models" in args.sections:
+        results["models"] = []
+        for name, img, batch in setting["models"]:
+            results["models"].append(bench_model(name, img, batch, args.dtype, setting["iters"]))
+            save()
+    if "pipeline" in args.sections:
+        steps = 2 + setting["iters"]
+        results["pipeline"] = [bench_pipeline(*p, steps) for p in setting["pipeline"]]
         save()
-    steps = 2 + setting["iters"]
-    results["pipeline"] = [
-        bench_pipeline("cifar", 32, setting["models"][-1][2], steps),
-        bench_pipeline("imagenet", setting["models"][0][1], setting["models"][0][2], steps),
-    ]
-    save()
     print(
         f"{results['device']} ({results['backend']} ×{results['device_count']}), "
         f"jax {results['jax_version']}, {args.dtype}"

@@ -15,12 +15,11 @@ def _positive(value):
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
-def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
-    out = tmp_path / "result.json"
+def _run_bench(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--tiny", "--out", str(out)],
+        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--tiny", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -28,6 +27,12 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
+    out = tmp_path / "result.json"
+    proc = _run_bench("--out", str(out))
     assert "speed-up" in proc.stdout and str(out) in proc.stdout
     results = json.loads(out.read_text())
     assert results["backend"] == "cpu" and results["jax_version"] and results["device"]
@@ -56,3 +61,15 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
     assert [p["preprocess"] for p in results["pipeline"]] == ["cifar", "imagenet"]
     assert all(_positive(p["images_per_s"]) for p in results["pipeline"])
     assert all(_positive(p["host_normalised_images_per_s"]) for p in results["pipeline"])
+
+
+def test_bench_sections_measure_only_what_is_asked(tmp_path):
+    out = tmp_path / "pipeline.json"
+    proc = _run_bench("--sections", "pipeline", "--out", str(out))
+    results = json.loads(out.read_text())
+    assert "models" not in results and "compile_cache" not in results
+    assert [(p["preprocess"], p["image_size"]) for p in results["pipeline"]] == [
+        ("cifar", 32),
+        ("imagenet", 64),
+    ]
+    assert "input pipeline imagenet 64² b8" in proc.stdout
