@@ -50,16 +50,19 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {
         "models": [("resnet50", 224, 256), ("resnet110_cifar", 32, 256)],
         "pipeline": [("cifar", 32, 256), ("imagenet", 224, 256)],
+        "pipeline_steps": 20,
         "iters": 10,
     },
     "small": {
         "models": [("resnet50", 64, 8), ("resnet110_cifar", 32, 16)],
         "pipeline": [("cifar", 32, 256), ("imagenet", 224, 64)],
+        "pipeline_steps": 20,
         "iters": 3,
     },
     "tiny": {
         "models": [("resnet8_cifar", 16, 4)],
         "pipeline": [("cifar", 32, 16), ("imagenet", 64, 8)],
+        "pipeline_steps": 2,
         "iters": 1,
     },
 }
@@ -316,6 +319,8 @@ def table(results: dict[str, Any]) -> str:
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    if len(rows) == 1:  # no model measured
+        lines = []
     for r in results.get("models", []):
         lines.append(
             f"{r['model']}: gated/ungated train {_fmt(r['ratios']['train_gated_over_ungated'])}, "
@@ -425,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["models"].append(bench_model(name, img, batch, args.dtype, setting["iters"]))
             save()
     if "pipeline" in args.sections:
-        steps = 2 + setting["iters"]
+        steps = setting["pipeline_steps"]
         results["pipeline"] = [bench_pipeline(*p, steps) for p in setting["pipeline"]]
         save()
     print(
