@@ -153,12 +153,17 @@ def test_learning_rate_steps_down_at_the_boundary_epochs_after_warmup():
 # ------------------------------------------------------------------------------ sharding
 
 
-def test_eight_device_step_equals_one_device_step():
+def _small_model_and_state():
+    """(spec, model, optimizer, initial state) of the small test config, 8×8 images."""
     config = small_config()
     spec = ModelSpec.from_config(config)
     model = spec.build()
     tx = make_optimizer(config, 4)
-    state0 = create_train_state(model, tx, (8, 8, 3), seed=0)
+    return spec, model, tx, create_train_state(model, tx, (8, 8, 3), seed=0)
+
+
+def test_eight_device_step_equals_one_device_step():
+    spec, model, tx, state0 = _small_model_and_state()
     rng = np.random.default_rng(0)
     batches = [
         {
@@ -184,11 +189,7 @@ def test_eight_device_step_equals_one_device_step():
 
 
 def test_uint8_batches_normalised_on_the_device_train_like_host_normalised_ones():
-    config = small_config()
-    spec = ModelSpec.from_config(config)
-    model = spec.build()
-    tx = make_optimizer(config, 4)
-    state0 = create_train_state(model, tx, (8, 8, 3), seed=0)
+    spec, model, tx, state0 = _small_model_and_state()
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 16).astype(np.int32)
