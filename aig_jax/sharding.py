@@ -8,7 +8,9 @@ on one CPU, one GPU or a multi-host TPU pod.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import queue
+import threading
+from collections.abc import Generator, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -52,6 +54,59 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dic
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
     }
+
+
+#: Name of the thread behind :func:`prefetch_to_mesh`.
+PREFETCH_THREAD = "aig-jax-prefetch-to-mesh"
+_END = object()
+
+
+def prefetch_to_mesh(
+    batches: Iterator[Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh, size: int = 2
+) -> Generator[dict[str, Any], None, None]:
+    """:func:`shard_batch` of each of ``batches``, in order, placed by a background thread up
+    to ``size`` batches ahead so that host-to-device copies overlap the running step.
+
+    An exception raised by ``batches`` is raised here; closing the returned generator (or
+    dropping it) stops the thread. ``size`` 0 places each batch when it is asked for.
+    """
+    if size <= 0:
+        yield from (shard_batch(batch, mesh) for batch in batches)
+        return
+    ready: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put((shard_batch(batch, mesh), None)):
+                    return
+            put((_END, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            put((None, err))
+
+    thread = threading.Thread(target=produce, name=PREFETCH_THREAD, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = ready.get()
+            if err is not None:
+                raise err
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:

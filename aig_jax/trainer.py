@@ -36,7 +36,7 @@ from aig_jax.evaluation import predict, summarize
 from aig_jax.flops import model_cost
 from aig_jax.metrics_writer import MetricsWriter
 from aig_jax.model_spec import ModelSpec
-from aig_jax.sharding import check_batch_size, make_mesh, replicated, shard_batch
+from aig_jax.sharding import check_batch_size, make_mesh, prefetch_to_mesh, replicated
 from aig_jax.steps import make_eval_step, make_train_step
 from aig_jax.train_state import (
     TrainState,
@@ -286,9 +286,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         timer = LoopTimer(start)
         show = jax.process_index() == 0 and config.get("progress", True)
         bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not show)
-        batches = _batches(config, train_source, start, total)
-        while (local := timer.wait_for(batches)) is not None:
-            state, metrics = train_step(state, shard_batch(local, mesh), key)
+        batches = prefetch_to_mesh(_batches(config, train_source, start, total), mesh)
+        while (batch := timer.wait_for(batches)) is not None:
+            state, metrics = train_step(state, batch, key)
             pending.append(metrics)
             step += 1
             bar.update(1)
@@ -312,6 +312,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                     )
             if stop.requested:
                 break
+        batches.close()  # stops the prefetching thread when the loop ended early
         bar.close()
         ckpt.close()
     writer.close()

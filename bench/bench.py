@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -424,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save()
     if args.cache_dir is None:  # the timings below are then cold compiles
         jax.config.update("jax_enable_compilation_cache", False)
+        shutil.rmtree(cache_dir, ignore_errors=True)
     if "models" in args.sections:
         results["models"] = []
         for name, img, batch in setting["models"]:
