@@ -39,11 +39,13 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 from aig_jax.data import make_source, train_iterator
+from aig_jax.metrics_writer import read_metrics
 from aig_jax.models import build_model
 from aig_jax.sharding import make_mesh, replicated, shard_batch
 from aig_jax.skip_inference import choose_path, make_fast_eval_step
 from aig_jax.steps import make_eval_step, make_train_step
 from aig_jax.train_state import create_train_state
+from aig_jax.trainer import train_and_evaluate
 from configs import default
 
 #: (model, image size, batch) per size; "tiny" is for the test that the script runs.
@@ -52,24 +54,27 @@ SIZES: dict[str, dict[str, Any]] = {
         "models": [("resnet50", 224, 256), ("resnet110_cifar", 32, 256)],
         "pipeline": [("cifar", 32, 256), ("imagenet", 224, 256)],
         "pipeline_steps": 20,
+        "loop_steps": 50,
         "iters": 10,
     },
     "small": {
         "models": [("resnet50", 64, 8), ("resnet110_cifar", 32, 16)],
         "pipeline": [("cifar", 32, 256), ("imagenet", 224, 64)],
         "pipeline_steps": 20,
+        "loop_steps": 4,
         "iters": 3,
     },
     "tiny": {
         "models": [("resnet8_cifar", 16, 4)],
         "pipeline": [("cifar", 32, 16), ("imagenet", 64, 8)],
         "pipeline_steps": 2,
+        "loop_steps": 2,
         "iters": 1,
     },
 }
 
 #: What one run measures, in order; ``--sections`` picks some.
-SECTIONS = ("compile_cache", "models", "pipeline")
+SECTIONS = ("compile_cache", "models", "loop", "pipeline")
 
 #: (result key, gated, scan_blocks) of each measured variant of a model.
 VARIANTS = (("gated", True, False), ("ungated", False, False), ("gated_scan", True, True))
@@ -292,6 +297,34 @@ def bench_pipeline(kind: str, size: int, batch: int, steps: int) -> dict[str, An
     return result
 
 
+def bench_loop(name: str, size: int, batch: int, dtype: str, steps: int) -> dict[str, Any]:
+    """The training loop of ``train.py`` (input pipeline, prefetching, logging) over synthetic
+    data: images/s and input-wait share of its second logging interval of ``steps`` steps, the
+    first one holding the compilation. Evaluation and checkpointing are left out by the loop's
+    own timing."""
+    config = default.get_config()
+    config.model, config.dtype, config.batch_size = name, dtype, batch
+    config.num_train_steps, config.log_every_steps = 2 * steps, steps
+    config.eval_gate_modes, config.eval_limit, config.eval_batch_size = ("argmax",), batch, batch
+    config.checkpoint_every_steps = 2 * steps
+    config.data_threads = os.cpu_count() or 1
+    config.progress, config.tensorboard = False, False
+    ds = config.dataset
+    ds.source, ds.image_size, ds.num_examples = "synthetic", size, 2 * steps * batch
+    if size > 32:
+        ds.preprocess, ds.mean, ds.std = "imagenet", default.IMAGENET_MEAN, default.IMAGENET_STD
+    with tempfile.TemporaryDirectory(prefix="aig-jax-bench-loop-") as workdir:
+        train_and_evaluate(config, workdir)
+        last = read_metrics(workdir, "train")[-1]
+    return {
+        "model": name,
+        "image_size": size,
+        "batch": batch,
+        "images_per_s": last["images_per_sec"],
+        "input_wait_fraction": last["input_wait_fraction"],
+    }
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -349,6 +382,14 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"{c['model']} train-step compile: cold {_fmt(c['cold_compile_s'])} s, "
             f"warm (persistent cache) {_fmt(c['warm_compile_s'])} s"
+        )
+    for r in results.get("loop", []):
+        ratio = r.get("over_bare_step")
+        lines.append(
+            f"training loop {r['model']} {r['image_size']}² b{r['batch']}: "
+            f"{_fmt(r['images_per_s'])} img/s"
+            + ("" if ratio is None else f" ({_fmt(ratio)}× the bare step)")
+            + f", waiting for input {_fmt(r['input_wait_fraction'])} of the time"
         )
     for p in results.get("pipeline", []):
         lines.append(
@@ -430,6 +471,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["models"] = []
         for name, img, batch in setting["models"]:
             results["models"].append(bench_model(name, img, batch, args.dtype, setting["iters"]))
+            save()
+    if "loop" in args.sections:
+        results["loop"] = []
+        for name, img, batch in setting["models"]:
+            loop = bench_loop(name, img, batch, args.dtype, setting["loop_steps"])
+            bare = {r["model"]: r for r in results.get("models", [])}.get(name)
+            if bare is not None:  # the same model's bare train step, measured in this run
+                loop["over_bare_step"] = loop["images_per_s"] / bare["gated"]["train_images_per_s"]
+            results["loop"].append(loop)
             save()
     if "pipeline" in args.sections:
         steps = setting["pipeline_steps"]

@@ -58,6 +58,10 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
     assert all(_positive(s["speedup"]) for s in skipping.values())
     cache = results["compile_cache"]
     assert _positive(cache["cold_compile_s"]) and _positive(cache["warm_compile_s"])
+    (loop,) = results["loop"]
+    assert loop["model"] == "resnet8_cifar" and _positive(loop["images_per_s"])
+    assert 0 <= loop["input_wait_fraction"] <= 1 and _positive(loop["over_bare_step"])
+    assert "training loop resnet8_cifar" in proc.stdout
     assert [p["preprocess"] for p in results["pipeline"]] == ["cifar", "imagenet"]
     assert all(_positive(p["images_per_s"]) for p in results["pipeline"])
     assert all(_positive(p["host_normalised_images_per_s"]) for p in results["pipeline"])
@@ -67,7 +71,7 @@ def test_bench_sections_measure_only_what_is_asked(tmp_path):
     out = tmp_path / "pipeline.json"
     proc = _run_bench("--sections", "pipeline", "--out", str(out))
     results = json.loads(out.read_text())
-    assert "models" not in results and "compile_cache" not in results
+    assert not {"models", "compile_cache", "loop"} & set(results)
     assert [(p["preprocess"], p["image_size"]) for p in results["pipeline"]] == [
         ("cifar", 32),
         ("imagenet", 64),
