@@ -21,6 +21,7 @@ per-block medians of p(execute) split a batch in halves).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
@@ -52,21 +54,33 @@ from configs import default
 SIZES: dict[str, dict[str, Any]] = {
     "full": {
         "models": [("resnet50", 224, 256), ("resnet110_cifar", 32, 256)],
-        "pipeline": [("cifar", 32, 256), ("imagenet", 224, 256)],
+        "pipeline": [
+            ("cifar", "synthetic", 32, 256),
+            ("imagenet", "synthetic", 224, 256),
+            ("imagenet", "jpeg", 224, 256),
+        ],
         "pipeline_steps": 20,
         "loop_steps": 50,
         "iters": 10,
     },
     "small": {
         "models": [("resnet50", 64, 8), ("resnet110_cifar", 32, 16)],
-        "pipeline": [("cifar", 32, 256), ("imagenet", 224, 64)],
+        "pipeline": [
+            ("cifar", "synthetic", 32, 256),
+            ("imagenet", "synthetic", 224, 64),
+            ("imagenet", "jpeg", 224, 64),
+        ],
         "pipeline_steps": 20,
         "loop_steps": 4,
         "iters": 3,
     },
     "tiny": {
         "models": [("resnet8_cifar", 16, 4)],
-        "pipeline": [("cifar", 32, 16), ("imagenet", 64, 8)],
+        "pipeline": [
+            ("cifar", "synthetic", 32, 16),
+            ("imagenet", "synthetic", 64, 8),
+            ("imagenet", "jpeg", 64, 8),
+        ],
         "pipeline_steps": 2,
         "loop_steps": 2,
         "iters": 1,
@@ -179,40 +193,41 @@ def bench_skipping(
     model: Any, variables: Any, data: dict[str, Any], iters: int, mesh: jax.sharding.Mesh
 ) -> dict[str, Any]:
     """Masked vs skipping inference: batch 1 (lax.cond) at execution rates 0.5 and 1, and the
-    whole batch at per-block median thresholds (about half of the images execute each block)."""
+    whole batch at per-block median thresholds (about half of the images execute each block).
+    Each eval program is compiled once and timed at every threshold setting."""
     n = len(model.block_infos())
-    key = jax.random.key(0)
     out: dict[str, Any] = {}
     mesh1 = make_mesh(1)
     one = _batch(data["image"].shape[1], 1, 10, mesh1)
-    masked1, fast1 = make_eval_step(model, mesh1), make_fast_eval_step(model, mesh1, path="cond")
+    masked1 = _calibrated_eval(make_eval_step(model, mesh1), variables, one, n)
+    cond1 = _calibrated_eval(make_fast_eval_step(model, mesh1, path="cond"), variables, one, n)
     for label, thresholds in (
         ("rate_0.5", jnp.asarray([ALWAYS, NEVER] * (n // 2) + [ALWAYS] * (n % 2))),
         ("rate_1.0", jnp.full((n,), ALWAYS)),
     ):
         times = {
-            kind: _timed_eval(step, variables, one, thresholds, 20 * iters)
-            for kind, step in (("masked", masked1), ("cond", fast1))
+            kind: _timed(lambda run=run, t=thresholds: run(t), 20 * iters)
+            for kind, run in (("masked", masked1), ("cond", cond1))
         }
-        gates = masked1(variables, one, key, "calibrated", thresholds)["gates"]
         out[f"batch1_{label}"] = {
-            "rate": float(jnp.mean(gates)),
+            "rate": float(jnp.mean(masked1(thresholds)["gates"])),
             "masked_ms_per_image": 1e3 * times["masked"],
             "cond_ms_per_image": 1e3 * times["cond"],
             "speedup": times["masked"] / times["cond"],
         }
     batch = data["image"].shape[0]
-    masked = make_eval_step(model, mesh)
-    probs = masked(variables, data, key, "open", jnp.zeros((n,)))["probs"]
+    masked_step = make_eval_step(model, mesh)
+    key = jax.random.key(0)
+    probs = masked_step(variables, data, key, "open", jnp.zeros((n,)))["probs"]
     thresholds = jnp.median(probs, axis=1)
     path = choose_path(batch // mesh.devices.size, data["image"].shape[1])
-    # The masked step is compiled and timed once, for every skipping path compared with it.
-    masked_s = _timed_eval(masked, variables, data, thresholds, iters)
-    rate = float(jnp.mean(masked(variables, data, key, "calibrated", thresholds)["gates"]))
+    masked = _calibrated_eval(masked_step, variables, data, n)
+    masked_s = _timed(lambda: masked(thresholds), iters)
+    rate = float(jnp.mean(masked(thresholds)["gates"]))
 
     def against_masked(path: str) -> dict[str, Any]:
-        fast = make_fast_eval_step(model, mesh, path=path)
-        fast_s = _timed_eval(fast, variables, data, thresholds, iters)
+        fast = _calibrated_eval(make_fast_eval_step(model, mesh, path=path), variables, data, n)
+        fast_s = _timed(lambda: fast(thresholds), iters)
         return {
             "path": path,
             "rate": rate,
@@ -235,13 +250,14 @@ def bench_skipping(
     return out
 
 
-def _timed_eval(
-    step: Any, variables: Any, data: dict[str, Any], thresholds: jax.Array, iters: int
-) -> float:
-    """Seconds per call of the eval ``step`` with calibrated ``thresholds``, compiled first."""
+def _calibrated_eval(
+    step: Any, variables: Any, data: dict[str, Any], num_blocks: int
+) -> Callable[[jax.Array], dict[str, jax.Array]]:
+    """The eval ``step`` compiled once for calibrated gates on ``data``: a function of the
+    thresholds [num_blocks] that returns the step's outputs."""
     key = jax.random.key(0)
-    compiled, _ = _compile(step, variables, data, key, "calibrated", thresholds)
-    return _timed(lambda: compiled(variables, data, key, thresholds), iters)
+    compiled, _ = _compile(step, variables, data, key, "calibrated", jnp.zeros((num_blocks,)))
+    return lambda thresholds: compiled(variables, data, key, thresholds)
 
 
 def bench_compile_cache(name: str, size: int, batch: int, dtype: str) -> dict[str, Any]:
@@ -262,16 +278,53 @@ def bench_compile_cache(name: str, size: int, batch: int, dtype: str) -> dict[st
     return result
 
 
-def bench_pipeline(kind: str, size: int, batch: int, steps: int) -> dict[str, Any]:
-    """Host images/s of ``train_iterator`` over the synthetic source with ``kind`` ("cifar" or
-    "imagenet") augmentation: uint8 batches as the trainer reads them (normalised on the
-    device), and batches normalised on the host."""
+class JpegSource:
+    """Photograph-like images of ImageNet's most common size (500×375) stored as JPEG bytes
+    (quality 90) and decoded with Pillow at every read, as the TFDS source decodes ImageNet;
+    ``distinct`` different images repeat over ``num_examples``."""
+
+    def __init__(self, num_examples: int, distinct: int = 32) -> None:
+        self.num_examples = num_examples
+        rng = np.random.default_rng(0)
+        yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
+        self._jpegs = []
+        for i in range(distinct):
+            # Smooth shading plus sensor-like noise: the entropy of a photograph, roughly.
+            f = rng.uniform(10, 60, size=(3, 2))
+            smooth = [np.sin(xx / f[c, 0] + i) * np.cos(yy / f[c, 1] - c) for c in range(3)]
+            pixels = 128 + 90 * np.stack(smooth, -1) + rng.normal(0, 12, (375, 500, 3))
+            buffer = io.BytesIO()
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+            self._jpegs.append(buffer.getvalue())
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def read(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Decoded uint8 [375, 500, 3] images (a list) and labels int32 [n]."""
+        jpegs = [self._jpegs[int(i) % len(self._jpegs)] for i in indices]
+        images = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs]
+        return images, (np.asarray(indices) % 10).astype(np.int32)
+
+
+def bench_pipeline(
+    kind: str, source_kind: str, size: int, batch: int, steps: int
+) -> dict[str, Any]:
+    """Host images/s of ``train_iterator`` with ``kind`` ("cifar" or "imagenet") augmentation
+    over ``source_kind`` images: "synthetic" (decoded pixels of the output size) or "jpeg"
+    (:class:`JpegSource`, decoding included); uint8 batches as the trainer reads them
+    (normalised on the device), and batches normalised on the host."""
     cfg = default.get_config().dataset
     cfg.source, cfg.image_size, cfg.num_examples, cfg.preprocess = "synthetic", size, 4096, kind
     if kind == "imagenet":
         cfg.mean, cfg.std = default.IMAGENET_MEAN, default.IMAGENET_STD
-    source = make_source(cfg, "train")
-    result: dict[str, Any] = {"preprocess": kind, "image_size": size, "batch": batch}
+    source = JpegSource(4096) if source_kind == "jpeg" else make_source(cfg, "train")
+    result: dict[str, Any] = {
+        "preprocess": kind,
+        "source": source_kind,
+        "image_size": size,
+        "batch": batch,
+    }
     for label, normalised in (("images_per_s", False), ("host_normalised_images_per_s", True)):
         batches = train_iterator(
             source,
@@ -386,7 +439,7 @@ def table(results: dict[str, Any]) -> str:
         )
     for p in results.get("pipeline", []):
         lines.append(
-            f"input pipeline {p['preprocess']} {p['image_size']}² b{p['batch']}: "
+            f"input pipeline {p['preprocess']} ({p['source']}) {p['image_size']}² b{p['batch']}: "
             f"{_fmt(p['images_per_s'])} img/s uint8 (normalised on the host: "
             f"{_fmt(p['host_normalised_images_per_s'])})"
         )
@@ -476,7 +529,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             save()
     if "pipeline" in args.sections:
         steps = setting["pipeline_steps"]
-        results["pipeline"] = [bench_pipeline(*p, steps) for p in setting["pipeline"]]
+        results["pipeline"] = []
+        for p in setting["pipeline"]:
+            results["pipeline"].append(bench_pipeline(*p, steps))
+            save()
         save()
     print(
         f"{results['device']} ({results['backend']} ×{results['device_count']}), "

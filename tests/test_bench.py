@@ -62,7 +62,11 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
     assert loop["model"] == "resnet8_cifar" and _positive(loop["images_per_s"])
     assert 0 <= loop["input_wait_fraction"] <= 1 and _positive(loop["over_bare_step"])
     assert "training loop resnet8_cifar" in proc.stdout
-    assert [p["preprocess"] for p in results["pipeline"]] == ["cifar", "imagenet"]
+    assert [(p["preprocess"], p["source"]) for p in results["pipeline"]] == [
+        ("cifar", "synthetic"),
+        ("imagenet", "synthetic"),
+        ("imagenet", "jpeg"),
+    ]
     assert all(_positive(p["images_per_s"]) for p in results["pipeline"])
     assert all(_positive(p["host_normalised_images_per_s"]) for p in results["pipeline"])
 
@@ -75,5 +79,6 @@ def test_bench_sections_measure_only_what_is_asked(tmp_path):
     assert [(p["preprocess"], p["image_size"]) for p in results["pipeline"]] == [
         ("cifar", 32),
         ("imagenet", 64),
+        ("imagenet", 64),
     ]
-    assert "input pipeline imagenet 64² b8" in proc.stdout
+    assert "input pipeline imagenet (jpeg) 64² b8" in proc.stdout
