@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from aig_jax.checkpoint import CheckpointError
+from aig_jax.compilation_cache import DEFAULT_DIR, use_compilation_cache
 from aig_jax.evaluator import EvalOptions, evaluate_checkpoint
 from aig_jax.gates import GATE_MODES
 from aig_jax.skip_inference import make_fast_eval_step
@@ -43,6 +44,9 @@ _STEPS = flags.DEFINE_integer("attack_steps", 1, "1: FGSM; more: iterative BIM/P
 _ATTACK_MODE = flags.DEFINE_string("attack_mode", "argmax", "Gate mode of the attacked model.")
 _JPEG = flags.DEFINE_integer("jpeg_quality", EvalOptions.jpeg_quality, "JPEG defence quality.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", DEFAULT_DIR, "Directory of compiled programs ('' turns it off)."
+)
 _FAST = flags.DEFINE_bool(
     "fast",
     False,
@@ -60,6 +64,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     if _MULTIHOST.value:
         jax.distributed.initialize()
+    use_compilation_cache(_CACHE.value)
     options = EvalOptions(
         modes=tuple(_MODES.value),
         samples=_SAMPLES.value,

@@ -11,6 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from aig_jax.compilation_cache import DEFAULT_DIR, use_compilation_cache
 from aig_jax.trainer import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
@@ -23,6 +24,12 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (--multihost).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (--multihost).")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    DEFAULT_DIR,
+    "Directory of compiled programs reused by later runs ('' turns it off; "
+    "JAX_COMPILATION_CACHE_DIR wins).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,6 +40,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 shows it
     if _MULTIHOST.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    use_compilation_cache(_CACHE.value)
     logging.info(
         "JAX %s on %d %s devices", jax.__version__, jax.device_count(), jax.default_backend()
     )

@@ -265,6 +265,7 @@ def test_sigterm_saves_the_current_step_and_rerun_resumes(tmp_path):
         "--config.num_train_steps=100000",
         "--config.checkpoint_every_steps=100000",
         "--config.eval_gate_modes=('argmax',)",
+        f"--compilation_cache={tmp_path / 'xla'}",
     ]
     env = {**os.environ, "PYTHONPATH": REPO}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -278,6 +279,8 @@ def test_sigterm_saves_the_current_step_and_rerun_resumes(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out.decode()[-3000:]
     assert b"rerun the same command to resume" in out
+    # The train step went to the compilation cache, for the rerun to load.
+    assert any(name.startswith("jit_step") for name in os.listdir(tmp_path / "xla"))
     last = read_metrics(workdir, "train")[-1]["step"]
     config = small_config()
     _, _, meta = restore_state(workdir, config)

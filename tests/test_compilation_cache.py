@@ -1,0 +1,56 @@
+"""The persistent compilation cache of the command-line tools: where it goes and what wins."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Run in a fresh interpreter: JAX's cache directory is process-wide and set by conftest here.
+SCRIPT = """
+import json, sys
+import jax
+from aig_jax.compilation_cache import use_compilation_cache
+in_use = use_compilation_cache(sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.jit(lambda x: x * 2 + 1)(jax.numpy.arange(3.0)).block_until_ready()
+print(json.dumps({"in_use": in_use, "jax": jax.config.jax_compilation_cache_dir}))
+"""
+
+
+def _run(directory, env_dir=None):
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
+    }
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    if env_dir is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = env_dir
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, directory],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_compiled_programs_are_written_to_the_given_directory(tmp_path):
+    target = tmp_path / "new" / "cache"  # created on demand
+    result = _run(str(target))
+    assert result["in_use"] == result["jax"] == str(target)
+    assert any(name.startswith("jit_") for name in os.listdir(target))
+
+
+def test_a_directory_from_the_environment_wins(tmp_path):
+    result = _run(str(tmp_path / "ours"), env_dir=str(tmp_path / "env"))
+    assert result["in_use"] == str(tmp_path / "env")
+    assert not (tmp_path / "ours").exists()
+    assert os.listdir(tmp_path / "env")
+
+
+def test_an_empty_directory_turns_the_cache_off():
+    result = _run("")
+    assert result["in_use"] is None and not result["jax"]
