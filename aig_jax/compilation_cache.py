@@ -26,7 +26,7 @@ def use_compilation_cache(directory: str) -> str | None:
     Returns:
       The cache directory in use, or None when there is none.
     """
-    current = jax.config.jax_compilation_cache_dir
+    current = jax.config.values.get("jax_compilation_cache_dir")
     if current:
         return str(current)
     if not directory:
