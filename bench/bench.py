@@ -12,10 +12,10 @@ the same architecture; trace and compile time; peak device memory (where the bac
 it) and the compiled step's memory; the skipping inference path against the masked one (batch
 1 with ``lax.cond`` at an execution rate of 0.5, and at batch scale); a cold and a warm compile
 through JAX's persistent compilation cache; the training loop of ``train.py`` against the bare
-train step; and the host input pipeline's images/s (``--sections`` picks some). It prints a
-table and writes JSON to ``bench/results/<device>.json``. Gates are untrained: the execution
-rates come from "calibrated" thresholds (-1 executes a block for every image, 2 skips it;
-per-block medians of p(execute) split a batch in halves).
+train step; and the host input pipeline's images/s (``--sections`` picks some, ``--models``
+some models). It prints a table and writes JSON to ``bench/results/<device>.json``. Gates are
+untrained: the execution rates come from "calibrated" thresholds (-1 executes a block for every
+image, 2 skips it; per-block medians of p(execute) split a batch in halves).
 """
 
 from __future__ import annotations
@@ -446,6 +446,20 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def select_models(
+    models: list[tuple[str, int, int]], names: list[str] | None
+) -> list[tuple[str, int, int]]:
+    """The ``(name, image size, batch)`` entries of ``models`` named in ``names`` (None: all),
+    in the setting's order; a ``ValueError`` names any name the setting does not have."""
+    if names is None:
+        return models
+    known = [m[0] for m in models]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--models {unknown} not among this setting's models {known}")
+    return [m for m in models if m[0] in names]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every measurement, print the table, write the JSON and return the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -480,8 +494,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=list(SECTIONS),
         help="measure only these sections (default: all)",
     )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="measure only these of the setting's models in the models and loop sections "
+        "(full and small: resnet50 resnet110_cifar)",
+    )
     args = parser.parse_args(argv)
     setting = SIZES[args.size or "full"]
+    try:
+        models = select_models(setting["models"], args.models)
+    except ValueError as err:
+        parser.error(str(err))
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="aig-jax-cache-")
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -515,12 +541,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(cache_dir, ignore_errors=True)
     if "models" in args.sections:
         results["models"] = []
-        for name, img, batch in setting["models"]:
+        for name, img, batch in models:
             results["models"].append(bench_model(name, img, batch, args.dtype, setting["iters"]))
             save()
     if "loop" in args.sections:
         results["loop"] = []
-        for name, img, batch in setting["models"]:
+        for name, img, batch in models:
             loop = bench_loop(name, img, batch, args.dtype, setting["loop_steps"])
             bare = {r["model"]: r for r in results.get("models", [])}.get(name)
             if bare is not None:  # the same model's bare train step, measured in this run

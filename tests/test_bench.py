@@ -9,6 +9,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import bench  # noqa: E402  (bench/ is not a package)
 
 
 def _positive(value):
@@ -82,3 +85,14 @@ def test_bench_sections_measure_only_what_is_asked(tmp_path):
         ("imagenet", 64),
     ]
     assert "input pipeline imagenet (jpeg) 64² b8" in proc.stdout
+
+
+def test_models_option_keeps_the_named_models_in_order_and_names_unknown_ones():
+    models = bench.SIZES["full"]["models"]
+    assert bench.select_models(models, None) == models
+    assert bench.select_models(models, ["resnet110_cifar"]) == [("resnet110_cifar", 32, 256)]
+    assert bench.select_models(models, ["resnet110_cifar", "resnet50"]) == models
+    with pytest.raises(ValueError, match=r"--models \['resnet18'\] not among"):
+        bench.select_models(models, ["resnet18", "resnet50"])
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--models", "resnet50"])
