@@ -28,7 +28,7 @@ from aig_jax.flops import ModelCost, model_cost
 from aig_jax.gates import check_gate_mode
 from aig_jax.model_spec import ModelSpec
 from aig_jax.report import analyse, write_report
-from aig_jax.sharding import check_batch_size, make_mesh, replicated
+from aig_jax.sharding import check_batch_size, compile_together, make_mesh, replicated
 from aig_jax.steps import EvalStep, make_eval_step
 from aig_jax.train_state import abstract_variables
 
@@ -190,13 +190,16 @@ class _Evaluator:
         """
         opts, config = self.options, self.restored.config
         ds = config.dataset
-        step = make_attack_step(
-            self.restored.model,
-            self.mesh,
-            tuple(ds.mean),
-            tuple(ds.std),
-            gate_mode=mode,
-            steps=opts.attack_steps,
+        step = compile_together(
+            make_attack_step(
+                self.restored.model,
+                self.mesh,
+                tuple(ds.mean),
+                tuple(ds.std),
+                gate_mode=mode,
+                steps=opts.attack_steps,
+            ),
+            "attack_step",
         )
         thr = jnp.full((len(self.restored.spec.rates),), 0.5) if thresholds is None else thresholds
         plain = ml_collections.ConfigDict(ds.to_dict())
@@ -275,7 +278,9 @@ def _evaluate_baseline(path: str, run: _Evaluator) -> tuple[_Evaluator, dict[str
     )
     base = dataclasses.replace(base, config=run.restored.config)
     base_run = dataclasses.replace(
-        run, restored=base, eval_step=run.eval_step_factory(base.model, run.mesh)
+        run,
+        restored=base,
+        eval_step=compile_together(run.eval_step_factory(base.model, run.mesh), "eval_step"),
     )
     cost = model_cost(base.model, base.config.dataset.image_size)
     summary = {
@@ -319,7 +324,7 @@ def evaluate_checkpoint(
     cost = model_cost(restored.model, config.dataset.image_size)
     run = _Evaluator(
         restored,
-        eval_step_factory(restored.model, mesh),
+        compile_together(eval_step_factory(restored.model, mesh), "eval_step"),
         eval_step_factory,
         mesh,
         source,

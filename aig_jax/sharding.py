@@ -8,13 +8,17 @@ on one CPU, one GPU or a multi-host TPU pod.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
-from collections.abc import Generator, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Generator, Iterator, Mapping
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+
+T = TypeVar("T")
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -112,3 +116,46 @@ def prefetch_to_mesh(
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     """Place a host pytree on every device of ``mesh``."""
     return jax.device_put(tree, replicated(mesh))
+
+
+#: How long (seconds) a process waits at :func:`compile_together`'s barrier for the others to
+#: finish compiling. A process that died is reported sooner by the distributed runtime.
+COMPILE_BARRIER_TIMEOUT_S = 1800
+_barrier_ids = itertools.count()
+
+
+def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What decides which program ``jit`` runs: the pytree structure, and each leaf's abstract
+    value (arrays: shape, dtype, weak type, sharding) or value (strings, Python numbers)."""
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple(jax.typeof(x) if hasattr(x, "dtype") else x for x in leaves)
+
+
+def compile_together(jitted: Callable[..., T], name: str) -> Callable[..., T]:
+    """``jitted`` (a ``jax.jit`` function) whose programs start on every process together.
+
+    Each process compiles a program on its own, and a busy host can take much longer than
+    another; a collective whose peer is late fails (CPU gloo collectives give up after 30 s).
+    So in a multi-process run, the first call with each new signature (shapes, dtypes, static
+    arguments) compiles the program ahead of time, waits at a coordination-service barrier
+    until every process has compiled it, and only then runs it; later calls go straight to
+    ``jitted``, which reuses the compiled program. Every process must make the same sequence
+    of calls, as SPMD code does. In a single-process run ``jitted`` itself is returned.
+    """
+    if jax.process_count() == 1:
+        return jitted
+    barrier = ocp.multihost.get_barrier_sync_fn()
+    compiled: set[tuple[Any, ...]] = set()
+
+    def call(*args: Any) -> T:
+        signature = _signature(args)
+        if signature not in compiled:
+            jitted.lower(*args).compile()  # type: ignore[attr-defined]
+            barrier(
+                key=f"aig_jax_compiled_{next(_barrier_ids)}_{name}",
+                timeout_ms=COMPILE_BARRIER_TIMEOUT_S * 1000,
+            )
+            compiled.add(signature)
+        return jitted(*args)
+
+    return call

@@ -36,7 +36,13 @@ from aig_jax.evaluation import predict, summarize
 from aig_jax.flops import model_cost
 from aig_jax.metrics_writer import MetricsWriter
 from aig_jax.model_spec import ModelSpec
-from aig_jax.sharding import check_batch_size, make_mesh, prefetch_to_mesh, replicated
+from aig_jax.sharding import (
+    check_batch_size,
+    compile_together,
+    make_mesh,
+    prefetch_to_mesh,
+    replicated,
+)
 from aig_jax.steps import make_eval_step, make_train_step
 from aig_jax.train_state import (
     TrainState,
@@ -263,7 +269,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             learning_rate=schedule,
             pixel_stats=(config.dataset.mean, config.dataset.std),
         )
-        eval_step = make_eval_step(model, mesh)
+        train_step = compile_together(train_step, "train_step")
+        eval_step = compile_together(make_eval_step(model, mesh), "eval_step")
         evaluate = functools.partial(
             _evaluate,
             eval_step=eval_step,

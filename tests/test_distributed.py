@@ -24,15 +24,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: How late process 1 finishes compiling its first program: more than gloo's 30 s.
+LATE_S = 35
+
+
 @pytest.mark.slow
 def test_two_processes_end_with_the_parameters_of_one(tmp_path):
+    """Also when one process compiles much more slowly than the other."""
     workdir = str(tmp_path / "two")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": REPO}
     worker = os.path.join(REPO, "tests", "distributed_worker.py")
     procs = [
         subprocess.Popen(
-            [sys.executable, worker, str(i), str(port), workdir],
+            [sys.executable, worker, str(i), str(port), workdir, str(LATE_S)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -48,6 +53,7 @@ def test_two_processes_end_with_the_parameters_of_one(tmp_path):
         outputs.append(out.decode())
     for proc, out in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, out[-4000:]
+    assert f"compiled {LATE_S} s late" in outputs[1]
     two_errors = [float(o.split("top1_error")[-1].split()[0]) for o in outputs]
     assert two_errors[0] == two_errors[1]  # every process sees the whole evaluation
 
