@@ -126,9 +126,13 @@ _barrier_ids = itertools.count()
 
 def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """What decides which program ``jit`` runs: the pytree structure, and each leaf's abstract
-    value (arrays: shape, dtype, weak type, sharding) or value (strings, Python numbers)."""
+    value (arrays: shape, dtype, weak type, sharding) or value (strings, Python numbers).
+    ``x.aval`` of a ``jax.Array`` is what ``jax.typeof`` returns, read without its overhead."""
     leaves, treedef = jax.tree.flatten(args)
-    return treedef, tuple(jax.typeof(x) if hasattr(x, "dtype") else x for x in leaves)
+    return treedef, tuple(
+        x.aval if isinstance(x, jax.Array) else jax.typeof(x) if hasattr(x, "dtype") else x
+        for x in leaves
+    )
 
 
 def compile_together(jitted: Callable[..., T], name: str) -> Callable[..., T]:
