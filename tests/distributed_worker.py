@@ -11,6 +11,7 @@ peer, so the processes must not start a program before both have compiled it).
 import os
 import sys
 import time
+import traceback
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -45,7 +46,12 @@ def main() -> None:
     from aig_jax.trainer import train_and_evaluate
     from tests.test_distributed import distributed_config
 
-    results = train_and_evaluate(distributed_config(), workdir)
+    try:
+        results = train_and_evaluate(distributed_config(), workdir)
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)  # at once: a normal exit would wait for the other process's shutdown
     print("top1_error", results["argmax"]["top1_error"], flush=True)
     jax.distributed.shutdown()
 

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -35,24 +36,34 @@ def test_two_processes_end_with_the_parameters_of_one(tmp_path):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": REPO}
     worker = os.path.join(REPO, "tests", "distributed_worker.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, str(i), str(port), workdir, str(LATE_S)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    outputs = []
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as out:  # a file, not a pipe: a full pipe would block the worker
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, worker, str(i), str(port), workdir, str(LATE_S)],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    deadline = time.monotonic() + 300
+    # Stop both as soon as one fails: the other would wait for it in a collective.
+    while time.monotonic() < deadline and not all(p.poll() == 0 for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.5)
     for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=300)
-        finally:
-            proc.kill()
-        outputs.append(out.decode())
-    for proc, out in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, out[-4000:]
+        proc.kill()
+        proc.wait()
+    outputs = [log.read_text() for log in logs]
+    failed = [
+        f"process {i} (exit {proc.returncode}):\n{out[-3000:]}"
+        for i, (proc, out) in enumerate(zip(procs, outputs, strict=True))
+        if proc.returncode != 0
+    ]
+    assert not failed, "\n".join(failed)
     assert f"compiled {LATE_S} s late" in outputs[1]
     two_errors = [float(o.split("top1_error")[-1].split()[0]) for o in outputs]
     assert two_errors[0] == two_errors[1]  # every process sees the whole evaluation
