@@ -260,16 +260,18 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         state = jax.jit(init, out_shardings=replicated(mesh))()
         state = _restore_or_init(ckpt, state, spec, config)
         start = int(state.step)
-        train_step = make_train_step(
-            model,
-            tx,
-            spec.targets,
-            target_weight=config.target_weight,
-            normalize=config.target_loss_normalize,
-            learning_rate=schedule,
-            pixel_stats=(config.dataset.mean, config.dataset.std),
+        train_step = compile_together(
+            make_train_step(
+                model,
+                tx,
+                spec.targets,
+                target_weight=config.target_weight,
+                normalize=config.target_loss_normalize,
+                learning_rate=schedule,
+                pixel_stats=(config.dataset.mean, config.dataset.std),
+            ),
+            "train_step",
         )
-        train_step = compile_together(train_step, "train_step")
         eval_step = compile_together(make_eval_step(model, mesh), "eval_step")
         evaluate = functools.partial(
             _evaluate,
