@@ -40,6 +40,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
+from kernel_profile import profile_step
+
 from aig_jax.data import make_source, train_iterator
 from aig_jax.metrics_writer import read_metrics
 from aig_jax.models import build_model
@@ -140,13 +142,26 @@ def _batch(size: int, batch: int, num_classes: int, mesh: jax.sharding.Mesh) -> 
     return shard_batch(host, mesh)
 
 
-def bench_model(name: str, size: int, batch: int, dtype: str, iters: int) -> dict[str, Any]:
-    """Train and inference images/s, compile time and memory, gated and ungated."""
+def bench_model(
+    name: str,
+    size: int,
+    batch: int,
+    dtype: str,
+    iters: int,
+    variants: tuple[str, ...] = tuple(v[0] for v in VARIANTS),
+    skipping: bool = True,
+    profile: bool = False,
+) -> dict[str, Any]:
+    """Train and inference images/s, compile time and memory of the ``variants`` (gated,
+    ungated, gated_scan); the skipping paths of the gated model if ``skipping``; with
+    ``profile``, where each train step's time goes (:func:`kernel_profile.profile_step`)."""
     mesh = make_mesh()
     result: dict[str, Any] = {"model": name, "image_size": size, "batch": batch, "dtype": dtype}
     data = _batch(size, batch, 10, mesh)
     key = jax.random.key(0)
     for tag, gated, scan in VARIANTS:
+        if tag not in variants:
+            continue
         model = build_model(name, num_classes=10, gated=gated, dtype=dtype, scan_blocks=scan)
         n = len(model.block_infos())
         tx = optax.sgd(0.01, momentum=0.9)
@@ -164,6 +179,7 @@ def bench_model(name: str, size: int, batch: int, dtype: str, iters: int) -> dic
             return metrics
 
         train_s = _timed(train_once, iters)
+        kernels = profile_step(train_once, train_c.as_text()) if profile else None
         variables = holder[0].variables
         thresholds = jnp.full((n,), 0.5)
         evals = make_eval_step(model, mesh)
@@ -176,17 +192,27 @@ def bench_model(name: str, size: int, batch: int, dtype: str, iters: int) -> dic
             "infer_compile": eval_info,
             "peak_device_bytes": _peak_bytes(),
         }
-        if tag == "gated":
+        if kernels is not None:
+            result[tag]["train_kernels"] = kernels
+        if tag == "gated" and skipping:
             result["gated"]["skipping"] = bench_skipping(model, variables, data, iters, mesh)
-    g, u, s = result["gated"], result["ungated"], result["gated_scan"]
-    result["ratios"] = {
-        "train_gated_over_ungated": g["train_images_per_s"] / u["train_images_per_s"],
-        "infer_gated_over_ungated": g["infer_images_per_s"] / u["infer_images_per_s"],
-        "train_scan_over_unrolled": s["train_images_per_s"] / g["train_images_per_s"],
-        "compile_scan_over_unrolled": s["train_compile"]["compile_s"]
-        / g["train_compile"]["compile_s"],
-    }
+    result["ratios"] = _ratios(result)
     return result
+
+
+def _ratios(result: dict[str, Any]) -> dict[str, float]:
+    """Gated over ungated and scanned over unrolled, for the variants measured."""
+    ratios = {}
+    g, u, s = (result.get(tag) for tag in ("gated", "ungated", "gated_scan"))
+    if g and u:
+        ratios["train_gated_over_ungated"] = g["train_images_per_s"] / u["train_images_per_s"]
+        ratios["infer_gated_over_ungated"] = g["infer_images_per_s"] / u["infer_images_per_s"]
+    if g and s:
+        ratios["train_scan_over_unrolled"] = s["train_images_per_s"] / g["train_images_per_s"]
+        ratios["compile_scan_over_unrolled"] = (
+            s["train_compile"]["compile_s"] / g["train_compile"]["compile_s"]
+        )
+    return ratios
 
 
 def bench_skipping(
@@ -384,7 +410,7 @@ def table(results: dict[str, Any]) -> str:
     cache and input pipeline."""
     rows = [("model", "variant", "train img/s", "infer img/s", "compile s", "peak MiB")]
     for r in results.get("models", []):
-        for tag, _, _ in VARIANTS:
+        for tag in (v[0] for v in VARIANTS if v[0] in r):
             m = r[tag]
             peak = m["peak_device_bytes"]
             rows.append(
@@ -402,13 +428,26 @@ def table(results: dict[str, Any]) -> str:
     if len(rows) == 1:  # no model measured
         lines = []
     for r in results.get("models", []):
-        lines.append(
-            f"{r['model']}: gated/ungated train {_fmt(r['ratios']['train_gated_over_ungated'])}, "
-            f"infer {_fmt(r['ratios']['infer_gated_over_ungated'])}; scanned/unrolled blocks "
-            f"train {_fmt(r['ratios']['train_scan_over_unrolled'])}, compile time "
-            f"{_fmt(r['ratios']['compile_scan_over_unrolled'])}"
-        )
-        for label, s in r["gated"]["skipping"].items():
+        ratios = r["ratios"]
+        if "train_gated_over_ungated" in ratios:
+            lines.append(
+                f"{r['model']}: gated/ungated train {_fmt(ratios['train_gated_over_ungated'])}, "
+                f"infer {_fmt(ratios['infer_gated_over_ungated'])}"
+            )
+        if "train_scan_over_unrolled" in ratios:
+            lines.append(
+                f"{r['model']}: scanned/unrolled blocks train "
+                f"{_fmt(ratios['train_scan_over_unrolled'])}, compile time "
+                f"{_fmt(ratios['compile_scan_over_unrolled'])}"
+            )
+        for tag in (v[0] for v in VARIANTS if "train_kernels" in r.get(v[0], {})):
+            k = r[tag]["train_kernels"]
+            step_ms = 1e3 * r["batch"] / r[tag]["train_images_per_s"]
+            lines.append(
+                f"  {tag} train step {_fmt(step_ms)} ms: {_fmt(k['ops'])} kernels, "
+                f"{_fmt(k['op_ms'])} ms of kernel time, of which gates {_fmt(k['gate_op_ms'])} ms"
+            )
+        for label, s in r.get("gated", {}).get("skipping", {}).items():
             if label.startswith("batch1"):
                 lines.append(
                     f"  {label}: rate {_fmt(s['rate'])}, masked "
@@ -502,6 +541,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="measure only these of the setting's models in the models and loop sections "
         "(full and small: resnet50 resnet110_cifar)",
     )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=[v[0] for v in VARIANTS],
+        default=[v[0] for v in VARIANTS],
+        help="model variants measured in the models section (default: all)",
+    )
+    parser.add_argument(
+        "--no-skipping",
+        action="store_true",
+        help="leave out the skipping inference paths of the models section",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="trace a few train steps of each variant: kernels per step, their summed time "
+        "and the gates' share",
+    )
     args = parser.parse_args(argv)
     setting = SIZES[args.size or "full"]
     try:
@@ -521,6 +578,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "jax_version": jax.__version__,
         "size": args.size or "full",
         "dtype": args.dtype,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     slug = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
     out = args.out or os.path.join(
@@ -542,14 +600,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "models" in args.sections:
         results["models"] = []
         for name, img, batch in models:
-            results["models"].append(bench_model(name, img, batch, args.dtype, setting["iters"]))
+            results["models"].append(
+                bench_model(
+                    name,
+                    img,
+                    batch,
+                    args.dtype,
+                    setting["iters"],
+                    tuple(args.variants),
+                    skipping=not args.no_skipping,
+                    profile=args.profile,
+                )
+            )
             save()
     if "loop" in args.sections:
         results["loop"] = []
         for name, img, batch in models:
             loop = bench_loop(name, img, batch, args.dtype, setting["loop_steps"])
             bare = {r["model"]: r for r in results.get("models", [])}.get(name)
-            if bare is not None:  # the same model's bare train step, measured in this run
+            if bare is not None and "gated" in bare:  # the same model's bare train step
                 loop["over_bare_step"] = loop["images_per_s"] / bare["gated"]["train_images_per_s"]
             results["loop"].append(loop)
             save()

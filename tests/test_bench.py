@@ -96,3 +96,22 @@ def test_models_option_keeps_the_named_models_in_order_and_names_unknown_ones():
         bench.select_models(models, ["resnet18", "resnet50"])
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--models", "resnet50"])
+
+
+def test_variants_and_profile_measure_only_the_asked_variants(tmp_path):
+    out = tmp_path / "gated.json"
+    proc = _run_bench(
+        "--sections", "models", "--variants", "gated", "--no-skipping", "--profile",
+        "--out", str(out),
+    )  # fmt: skip
+    results = json.loads(out.read_text())
+    assert results["xla_flags"] == ""
+    (model,) = results["models"]
+    assert "ungated" not in model and "gated_scan" not in model
+    assert model["ratios"] == {}
+    gated = model["gated"]
+    assert "skipping" not in gated
+    kernels = gated["train_kernels"]
+    assert kernels["ops"] > 0 and 0 < kernels["gate_op_ms"] < kernels["op_ms"]
+    assert all(len(row) == 3 and row[2] > 0 for row in kernels["top"])
+    assert "gated train step" in proc.stdout and "of which gates" in proc.stdout

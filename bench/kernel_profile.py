@@ -1,0 +1,101 @@
+"""Where a compiled step's time goes: its kernels' time, from a JAX profiler trace.
+
+``profile_step`` runs a step a few times under ``jax.profiler.trace`` and sums, per step, the
+time of every operation of the compiled program that the trace records (GPU/TPU kernels on a
+device; the CPU backend's thunks otherwise). Each operation is named by its HLO instruction
+(``fusion.12``, ``cudnn-conv.3``, …); the ``op_name`` metadata of that instruction in the
+compiled HLO says which part of the model it came from, so the gates' share can be read off.
+Summed kernel time well below the step's wall time means the step waits on kernel launches
+rather than on arithmetic or memory.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Collection
+from typing import Any
+
+import jax
+from jax.profiler import ProfileData
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name → ``op_name`` metadata (the JAX name stack) of a compiled HLO module."""
+    names = {}
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match:
+            names[match.group(1)] = match.group(2)
+    return names
+
+
+def _module_name(hlo_text: str) -> str | None:
+    match = re.match(r"HloModule\s+([\w.\-]+)", hlo_text)
+    return match.group(1) if match else None
+
+
+def op_durations(
+    profile: ProfileData, module: str | None, instructions: Collection[str] = ()
+) -> list[tuple[str, float]]:
+    """(HLO instruction, seconds) of every recorded operation of ``module`` (None: any module).
+
+    Device planes are read when they hold operations (kernels on a GPU or TPU); otherwise the
+    host planes (the CPU backend runs its operations there). A kernel that XLA:GPU launched
+    from a command buffer (a CUDA graph) is recorded under the buffer's name; it is named by
+    its kernel instead where that is one of ``instructions`` with ``.`` written ``_`` (XLA's
+    name for a fusion's kernel), and by the buffer otherwise (library kernels).
+    """
+    kernels = {name.replace(".", "_"): name for name in instructions}
+
+    def collect(device: bool) -> list[tuple[str, float]]:
+        out = []
+        for plane in profile.planes:
+            if plane.name.startswith("/device:") != device:
+                continue
+            for line in plane.lines:
+                for event in line.events:
+                    stats = dict(event.stats)
+                    op = stats.get("hlo_op")
+                    if op is None or (module is not None and stats.get("hlo_module") != module):
+                        continue
+                    op = kernels.get(event.name, op) if op not in instructions else op
+                    out.append((str(op), event.duration_ns * 1e-9))
+        return out
+
+    return collect(device=True) or collect(device=False)
+
+
+def profile_step(step: Callable[[], Any], hlo_text: str, steps: int = 3) -> dict[str, Any]:
+    """Trace ``steps`` calls of ``step`` (already compiled and warmed up) and summarise them.
+
+    Returns, per step: ``ops`` (operations run), ``op_ms`` (their summed time, ms),
+    ``gate_op_ms`` (those whose name stack passes through a ``gate`` module), and ``top``: the
+    10 instructions with the most time, each ``[instruction, op_name, ms per step]``.
+    """
+    names = op_names(hlo_text)
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir):
+            for _ in range(steps):
+                jax.block_until_ready(step())
+        (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        profile = ProfileData.from_file(path)
+        module = _module_name(hlo_text)
+        durations = op_durations(profile, module, names.keys()) or op_durations(
+            profile, None, names.keys()
+        )
+    per_op: dict[str, float] = defaultdict(float)
+    for op, seconds in durations:
+        per_op[op] += seconds / steps
+    gate = sum(s for op, s in per_op.items() if "/gate/" in names.get(op, ""))
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:10]
+    return {
+        "ops": len(durations) / steps,
+        "op_ms": 1e3 * sum(per_op.values()),
+        "gate_op_ms": 1e3 * gate,
+        "top": [[op, names.get(op, ""), 1e3 * s] for op, s in top],
+    }
