@@ -94,6 +94,7 @@ SECTIONS = ("compile_cache", "models", "loop", "pipeline")
 
 #: (result key, gated, scan_blocks) of each measured variant of a model.
 VARIANTS = (("gated", True, False), ("ungated", False, False), ("gated_scan", True, True))
+VARIANT_NAMES = tuple(tag for tag, _, _ in VARIANTS)
 
 #: Calibrated thresholds on p(execute) that execute, and skip, a block for every image.
 ALWAYS, NEVER = -1.0, 2.0
@@ -148,7 +149,7 @@ def bench_model(
     batch: int,
     dtype: str,
     iters: int,
-    variants: tuple[str, ...] = tuple(v[0] for v in VARIANTS),
+    variants: tuple[str, ...] = VARIANT_NAMES,
     skipping: bool = True,
     profile: bool = False,
 ) -> dict[str, Any]:
@@ -410,7 +411,7 @@ def table(results: dict[str, Any]) -> str:
     cache and input pipeline."""
     rows = [("model", "variant", "train img/s", "infer img/s", "compile s", "peak MiB")]
     for r in results.get("models", []):
-        for tag in (v[0] for v in VARIANTS if v[0] in r):
+        for tag in (t for t in VARIANT_NAMES if t in r):
             m = r[tag]
             peak = m["peak_device_bytes"]
             rows.append(
@@ -440,7 +441,7 @@ def table(results: dict[str, Any]) -> str:
                 f"{_fmt(ratios['train_scan_over_unrolled'])}, compile time "
                 f"{_fmt(ratios['compile_scan_over_unrolled'])}"
             )
-        for tag in (v[0] for v in VARIANTS if "train_kernels" in r.get(v[0], {})):
+        for tag in (t for t in VARIANT_NAMES if "train_kernels" in r.get(t, {})):
             k = r[tag]["train_kernels"]
             step_ms = 1e3 * r["batch"] / r[tag]["train_images_per_s"]
             lines.append(
@@ -544,8 +545,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=[v[0] for v in VARIANTS],
-        default=[v[0] for v in VARIANTS],
+        choices=VARIANT_NAMES,
+        default=list(VARIANT_NAMES),
         help="model variants measured in the models section (default: all)",
     )
     parser.add_argument(
