@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for p in setting["pipeline"]:
             results["pipeline"].append(bench_pipeline(*p, steps))
             save()
-        save()
+    save()  # also when no section ran, so that the file the last line names exists
     print(
         f"{results['device']} ({results['backend']} ×{results['device_count']}), "
         f"jax {results['jax_version']}, {args.dtype}"
