@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 #: Where the command-line tools keep compiled programs unless told otherwise.
 DEFAULT_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "aig_jax", "jax")
@@ -35,3 +36,13 @@ def use_compilation_cache(directory: str) -> str | None:
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     return path
+
+
+def enable_compilation_cache(enabled: bool) -> None:
+    """Turn the persistent cache on or off for this process's later compilations.
+
+    JAX decides once, at the first compilation, whether to use the cache; the setting alone
+    changes nothing after that, so the decision is reset here too.
+    """
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()

@@ -46,6 +46,7 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
         assert _positive(m["train_images_per_s"]) and _positive(m["infer_images_per_s"])
         assert _positive(m["train_compile"]["compile_s"])
         assert m["train_compile"]["compiled_bytes"] > 0
+        assert "phases" not in m["train_compile"]  # compiles are traced with --profile only
         assert m["peak_device_bytes"] is None  # the CPU backend reports no memory statistics
     assert set(model["ratios"]) == {
         "train_gated_over_ungated",
@@ -114,4 +115,7 @@ def test_variants_and_profile_measure_only_the_asked_variants(tmp_path):
     kernels = gated["train_kernels"]
     assert kernels["ops"] > 0 and 0 < kernels["gate_op_ms"] < kernels["op_ms"]
     assert all(len(row) == 3 and row[2] > 0 for row in kernels["top"])
+    phases = gated["train_compile"]["phases"]
+    assert len(phases) == 15 and all(s > 0 and count >= 1 for _, s, count in phases)
     assert "gated train step" in proc.stdout and "of which gates" in proc.stdout
+    assert "gated train compile" in proc.stdout

@@ -54,3 +54,33 @@ def test_a_directory_from_the_environment_wins(tmp_path):
 def test_an_empty_directory_turns_the_cache_off():
     result = _run("")
     assert result["in_use"] is None and not result["jax"]
+
+
+TOGGLE = """
+import os, sys
+import jax
+from aig_jax.compilation_cache import enable_compilation_cache, use_compilation_cache
+directory = use_compilation_cache(sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+counts = []
+for on, factor in ((True, 2.0), (False, 3.0), (True, 5.0)):
+    enable_compilation_cache(on)
+    jax.jit(lambda x: x * factor).lower(jax.numpy.arange(3.0)).compile()
+    counts.append(len(os.listdir(directory)))
+print(counts)
+"""
+
+
+def test_turning_the_cache_off_after_a_compile_stops_writes_and_on_again_resumes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", TOGGLE, str(tmp_path / "cache")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, off, on_again = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert first >= 1 and off == first and on_again > off

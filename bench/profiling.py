@@ -1,4 +1,4 @@
-"""Where a compiled step's time goes: its kernels' time, from a JAX profiler trace.
+"""Where a step's time goes, and where its compile time goes, from JAX profiler traces.
 
 ``profile_step`` runs a step a few times under ``jax.profiler.trace`` and sums, per step, the
 time of every operation of the compiled program that the trace records (GPU/TPU kernels on a
@@ -7,6 +7,10 @@ device; the CPU backend's thunks otherwise). Each operation is named by its HLO 
 compiled HLO says which part of the model it came from, so the gates' share can be read off.
 Summed kernel time well below the step's wall time means the step waits on kernel launches
 rather than on arithmetic or memory.
+
+``profile_compile`` traces one compilation: the compiler's named phases (XLA's passes, kernel
+code generation, autotuning where the backend has it), each with its time and how often it ran,
+which say what makes one model compile slower than another.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from __future__ import annotations
 import glob
 import re
 import tempfile
+import time
 from collections import defaultdict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import jax
@@ -78,16 +83,15 @@ def profile_step(step: Callable[[], Any], hlo_text: str, steps: int = 3) -> dict
     10 instructions with the most time, each ``[instruction, op_name, ms per step]``.
     """
     names = op_names(hlo_text)
-    with tempfile.TemporaryDirectory() as logdir:
-        with jax.profiler.trace(logdir):
-            for _ in range(steps):
-                jax.block_until_ready(step())
-        (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
-        profile = ProfileData.from_file(path)
-        module = _module_name(hlo_text)
-        durations = op_durations(profile, module, names.keys()) or op_durations(
-            profile, None, names.keys()
-        )
+
+    def run() -> None:
+        for _ in range(steps):
+            jax.block_until_ready(step())
+
+    _, profile = _trace(run)
+    durations = op_durations(profile, _module_name(hlo_text), names.keys()) or op_durations(
+        profile, None, names.keys()
+    )
     per_op: dict[str, float] = defaultdict(float)
     for op, seconds in durations:
         per_op[op] += seconds / steps
@@ -99,3 +103,68 @@ def profile_step(step: Callable[[], Any], hlo_text: str, steps: int = 3) -> dict
         "gate_op_ms": 1e3 * gate,
         "top": [[op, names.get(op, ""), 1e3 * s] for op, s in top],
     }
+
+
+def _trace(run: Callable[[], Any]) -> tuple[Any, ProfileData]:
+    """``run()`` under the JAX profiler, Python's function calls not traced: its result and
+    the recorded trace."""
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir, profiler_options=options):
+            out = run()
+        (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        return out, ProfileData.from_file(path)
+
+
+def compile_phases(profile: ProfileData, top: int = 15) -> list[list[Any]]:
+    """The ``top`` named host events with the most time: ``[name, seconds, count]`` each.
+
+    Seconds are inclusive (nested events count in their parent too) and summed over threads
+    and calls; an event nested in another of the same name on the same thread counts once.
+    Python function events (names starting ``$``) are left out.
+    """
+    seconds: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for plane in profile.planes:
+        if plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            _outermost(((e.start_ns, e.duration_ns, e.name) for e in line.events), seconds, counts)
+    ranked = sorted(seconds.items(), key=lambda kv: -kv[1])[:top]
+    return [[name, s, counts[name]] for name, s in ranked]
+
+
+def _outermost(
+    events: Iterable[tuple[float, float, str]],
+    seconds: dict[str, float],
+    counts: dict[str, int],
+) -> None:
+    """Add one thread's ``(start ns, duration ns, name)`` events to ``seconds`` and ``counts``,
+    the time of an event inside another of its name counted once."""
+    open_events: list[tuple[float, str]] = []  # (end, name) of the events enclosing this one
+    for start, duration, name in sorted(events, key=lambda e: (e[0], -e[1])):
+        if name.startswith("$"):
+            continue
+        while open_events and open_events[-1][0] <= start:
+            open_events.pop()
+        counts[name] += 1
+        if all(name != enclosing for _, enclosing in open_events):
+            seconds[name] += duration * 1e-9
+        open_events.append((start + duration, name))
+
+
+def profile_compile(lowered: Any, top: int = 15) -> tuple[Any, dict[str, Any]]:
+    """Compile ``lowered`` (a ``jax.stages.Lowered``) under the profiler.
+
+    Returns the compiled executable and ``{"compile_s": wall seconds, "phases": ...}`` with
+    the ``top`` phases of :func:`compile_phases`.
+    """
+
+    def timed() -> tuple[Any, float]:
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        return compiled, time.perf_counter() - start
+
+    (compiled, seconds), profile = _trace(timed)
+    return compiled, {"compile_s": seconds, "phases": compile_phases(profile, top)}

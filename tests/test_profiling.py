@@ -1,4 +1,5 @@
-"""bench/kernel_profile.py: which instruction each recorded kernel ran, and for how long."""
+"""bench/profiling.py: which instruction each recorded kernel ran and for how long, and which
+compiler phases a compilation spent its time in."""
 
 import os
 import sys
@@ -11,7 +12,9 @@ from jax.profiler import ProfileData
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import kernel_profile  # noqa: E402  (bench/ is not a package)
+import profiling  # noqa: E402  (bench/ is not a package)
+
+from aig_jax.compilation_cache import enable_compilation_cache  # noqa: E402
 
 HLO = """HloModule jit_step, is_scheduled=true
 
@@ -52,7 +55,7 @@ def _profile(events: list[str]) -> ProfileData:
 
 
 def test_op_names_reads_the_name_stack_of_each_instruction():
-    names = kernel_profile.op_names(HLO)
+    names = profiling.op_names(HLO)
     assert names["fusion.1"] == "jit(step)/net/block0/gate/neg"
     assert names["input_reduce_fusion.7"] == "jit(step)/net/block0/conv/neg"
     assert names["cudnn-conv.2"] == "jit(step)/net/block1/conv/conv_general_dilated"
@@ -69,14 +72,14 @@ def test_op_durations_names_kernels_launched_from_command_buffers():
             _event(4, "fusion.1", "jit_other", 11),  # another program
         ]
     )
-    instructions = kernel_profile.op_names(HLO).keys()
-    got = kernel_profile.op_durations(profile, "jit_step", instructions)
+    instructions = profiling.op_names(HLO).keys()
+    got = profiling.op_durations(profile, "jit_step", instructions)
     assert got == [
         ("fusion.1", pytest.approx(2e-6)),
         ("input_reduce_fusion.7", pytest.approx(5e-6)),
         ("command_buffer_3", pytest.approx(7e-6)),
     ]
-    assert len(kernel_profile.op_durations(profile, None, instructions)) == 4
+    assert len(profiling.op_durations(profile, None, instructions)) == 4
 
 
 def test_profile_step_sums_a_cpu_program_per_step():
@@ -87,8 +90,59 @@ def test_profile_step_sums_a_cpu_program_per_step():
     x = jnp.ones((64, 64))
     compiled = step.lower(x).compile()
     jax.block_until_ready(compiled(x))
-    result = kernel_profile.profile_step(lambda: compiled(x), compiled.as_text(), steps=2)
+    result = profiling.profile_step(lambda: compiled(x), compiled.as_text(), steps=2)
     assert result["ops"] >= 1 and result["op_ms"] > 0
     assert result["gate_op_ms"] == 0  # no gate module in this program
     assert 1 <= len(result["top"]) <= 10
     assert sum(row[2] for row in result["top"]) == pytest.approx(result["op_ms"])
+
+
+def _host_event(name: int, start_us: int, duration_us: int) -> str:
+    return (
+        f"events {{ metadata_id: {name} offset_ps: {start_us * 10**6} "
+        f"duration_ps: {duration_us * 10**6} }}"
+    )
+
+
+def test_compile_phases_count_nested_events_of_one_name_once():
+    names = ["compile", "fusion", "$stages.py:586 compile", "codegen"]
+    metadata = " ".join(
+        f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
+        for i, n in enumerate(names, start=1)
+    )
+    thread_a = [
+        _host_event(1, 0, 100),  # compile [0, 100)
+        _host_event(2, 10, 30),  # fusion inside it
+        _host_event(1, 50, 20),  # compile nested in compile: counted, its time not again
+        _host_event(3, 0, 120),  # a Python function: left out
+    ]
+    thread_b = [_host_event(2, 0, 5), _host_event(4, 5, 1), _host_event(2, 40, 5)]
+    profile = ProfileData.from_text_proto(
+        'planes { name: "/host:CPU" '
+        f'lines {{ name: "a" timestamp_ns: 1000 {" ".join(thread_a)} }} '
+        f'lines {{ name: "b" timestamp_ns: 2000 {" ".join(thread_b)} }} {metadata} }}'
+    )
+    phases = profiling.compile_phases(profile)
+    assert [row[0] for row in phases] == ["compile", "fusion", "codegen"]
+    assert phases[0][1:] == [pytest.approx(100e-6), 2]
+    assert phases[1][1:] == [pytest.approx(40e-6), 3]
+    assert phases[2][1:] == [pytest.approx(1e-6), 1]
+    assert profiling.compile_phases(profile, top=1) == phases[:1]
+
+
+def test_profile_compile_returns_a_working_executable_and_the_phases():
+    @jax.jit
+    def step(x):
+        return jnp.tanh(x @ x) * 2.0
+
+    x = jnp.ones((32, 32))
+    enable_compilation_cache(False)  # a real compile, not a read from the tests' cache
+    try:
+        compiled, info = profiling.profile_compile(step.lower(x), top=5)
+    finally:
+        enable_compilation_cache(True)
+    assert jnp.array_equal(compiled(x), step(x))
+    assert info["compile_s"] > 0 and len(info["phases"]) == 5
+    seconds = [row[1] for row in info["phases"]]
+    assert seconds == sorted(seconds, reverse=True) and seconds[-1] > 0
+    assert not any(row[0].startswith("$") for row in info["phases"])

@@ -1,0 +1,242 @@
+"""Device measurements of gated and ungated ResNets: train and inference throughput, compile
+time and memory, the skipping inference paths against the masked one, and cold vs warm
+compiles through JAX's persistent compilation cache.
+
+Gates are untrained here: execution rates come from "calibrated" thresholds (-1 executes a
+block for every image, 2 skips it; per-block medians of p(execute) split a batch in halves).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from profiling import profile_compile, profile_step
+
+from aig_jax.models import build_model
+from aig_jax.sharding import make_mesh, replicated, shard_batch
+from aig_jax.skip_inference import choose_path, make_fast_eval_step
+from aig_jax.steps import make_eval_step, make_train_step
+from aig_jax.train_state import create_train_state
+
+#: (result key, gated, scan_blocks) of each measured variant of a model.
+VARIANTS = (("gated", True, False), ("ungated", False, False), ("gated_scan", True, True))
+VARIANT_NAMES = tuple(tag for tag, _, _ in VARIANTS)
+
+#: Calibrated thresholds on p(execute) that execute, and skip, a block for every image.
+ALWAYS, NEVER = -1.0, 2.0
+
+
+def _timed(fn: Callable[[], Any], iters: int) -> float:
+    """Seconds per call of ``fn`` after one warm-up call, waiting for the device each time."""
+    jax.block_until_ready(fn())
+    start = time.perf_counter()
+    for _ in range(iters):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / iters
+
+
+def _peak_bytes() -> int | None:
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0))
+
+
+def _compile(jitted: Any, *args: Any, profile: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Lower and compile ``jitted`` for ``args``: the executable, trace/compile seconds and its
+    memory (arguments + outputs + temporaries, in bytes); with ``profile`` also the compiler's
+    costliest phases (:func:`profiling.profile_compile`)."""
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    info: dict[str, Any] = {"trace_s": time.perf_counter() - start}
+    if profile:
+        compiled, phases = profile_compile(lowered)
+        info.update(phases)
+    else:
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        info["compile_s"] = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        info["compiled_bytes"] = int(
+            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+        )
+    return compiled, info
+
+
+def _batch(size: int, batch: int, num_classes: int, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    host = {
+        "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+        "label": (np.arange(batch) % num_classes).astype(np.int32),
+        "mask": np.ones(batch, bool),
+        "index": np.arange(batch, dtype=np.int32),
+    }
+    return shard_batch(host, mesh)
+
+
+def bench_model(
+    name: str,
+    size: int,
+    batch: int,
+    dtype: str,
+    iters: int,
+    variants: tuple[str, ...] = VARIANT_NAMES,
+    skipping: bool = True,
+    profile: bool = False,
+) -> dict[str, Any]:
+    """Train and inference images/s, compile time and memory of the ``variants`` (gated,
+    ungated, gated_scan); the skipping paths of the gated model if ``skipping``; with
+    ``profile``, where each train step's time and its compile time go (:mod:`profiling`)."""
+    mesh = make_mesh()
+    result: dict[str, Any] = {"model": name, "image_size": size, "batch": batch, "dtype": dtype}
+    data = _batch(size, batch, 10, mesh)
+    key = jax.random.key(0)
+    for tag, gated, scan in VARIANTS:
+        if tag not in variants:
+            continue
+        model = build_model(name, num_classes=10, gated=gated, dtype=dtype, scan_blocks=scan)
+        n = len(model.block_infos())
+        tx = optax.sgd(0.01, momentum=0.9)
+        state = jax.jit(
+            lambda model=model, tx=tx: create_train_state(model, tx, (size, size, 3), 0),
+            out_shardings=replicated(mesh),
+        )()
+        targets = np.full(n, 0.5 if gated else 1.0)
+        train = make_train_step(model, tx, targets, target_weight=1.0)
+        train_c, train_info = _compile(train, state, data, key, profile=profile)
+        holder = [state]
+
+        def train_once(step: Any = train_c, holder: list = holder) -> Any:
+            holder[0], metrics = step(holder[0], data, key)
+            return metrics
+
+        train_s = _timed(train_once, iters)
+        kernels = profile_step(train_once, train_c.as_text()) if profile else None
+        variables = holder[0].variables
+        thresholds = jnp.full((n,), 0.5)
+        evals = make_eval_step(model, mesh)
+        eval_c, eval_info = _compile(evals, variables, data, key, "argmax", thresholds)
+        eval_s = _timed(lambda c=eval_c, v=variables, t=thresholds: c(v, data, key, t), iters)
+        result[tag] = {
+            "train_images_per_s": batch / train_s,
+            "infer_images_per_s": batch / eval_s,
+            "train_compile": train_info,
+            "infer_compile": eval_info,
+            "peak_device_bytes": _peak_bytes(),
+        }
+        if kernels is not None:
+            result[tag]["train_kernels"] = kernels
+        if tag == "gated" and skipping:
+            result["gated"]["skipping"] = bench_skipping(model, variables, data, iters, mesh)
+    result["ratios"] = _ratios(result)
+    return result
+
+
+def _ratios(result: dict[str, Any]) -> dict[str, float]:
+    """Gated over ungated and scanned over unrolled, for the variants measured."""
+    ratios = {}
+    g, u, s = (result.get(tag) for tag in ("gated", "ungated", "gated_scan"))
+    if g and u:
+        ratios["train_gated_over_ungated"] = g["train_images_per_s"] / u["train_images_per_s"]
+        ratios["infer_gated_over_ungated"] = g["infer_images_per_s"] / u["infer_images_per_s"]
+    if g and s:
+        ratios["train_scan_over_unrolled"] = s["train_images_per_s"] / g["train_images_per_s"]
+        ratios["compile_scan_over_unrolled"] = (
+            s["train_compile"]["compile_s"] / g["train_compile"]["compile_s"]
+        )
+    return ratios
+
+
+def bench_skipping(
+    model: Any, variables: Any, data: dict[str, Any], iters: int, mesh: jax.sharding.Mesh
+) -> dict[str, Any]:
+    """Masked vs skipping inference: batch 1 (lax.cond) at execution rates 0.5 and 1, and the
+    whole batch at per-block median thresholds (about half of the images execute each block).
+    Each eval program is compiled once and timed at every threshold setting."""
+    n = len(model.block_infos())
+    out: dict[str, Any] = {}
+    mesh1 = make_mesh(1)
+    one = _batch(data["image"].shape[1], 1, 10, mesh1)
+    masked1 = _calibrated_eval(make_eval_step(model, mesh1), variables, one, n)
+    cond1 = _calibrated_eval(make_fast_eval_step(model, mesh1, path="cond"), variables, one, n)
+    for label, thresholds in (
+        ("rate_0.5", jnp.asarray([ALWAYS, NEVER] * (n // 2) + [ALWAYS] * (n % 2))),
+        ("rate_1.0", jnp.full((n,), ALWAYS)),
+    ):
+        times = {
+            kind: _timed(lambda run=run, t=thresholds: run(t), 20 * iters)
+            for kind, run in (("masked", masked1), ("cond", cond1))
+        }
+        out[f"batch1_{label}"] = {
+            "rate": float(jnp.mean(masked1(thresholds)["gates"])),
+            "masked_ms_per_image": 1e3 * times["masked"],
+            "cond_ms_per_image": 1e3 * times["cond"],
+            "speedup": times["masked"] / times["cond"],
+        }
+    batch = data["image"].shape[0]
+    masked_step = make_eval_step(model, mesh)
+    key = jax.random.key(0)
+    probs = masked_step(variables, data, key, "open", jnp.zeros((n,)))["probs"]
+    thresholds = jnp.median(probs, axis=1)
+    path = choose_path(batch // mesh.devices.size, data["image"].shape[1])
+    masked = _calibrated_eval(masked_step, variables, data, n)
+    masked_s = _timed(lambda: masked(thresholds), iters)
+    rate = float(jnp.mean(masked(thresholds)["gates"]))
+
+    def against_masked(path: str) -> dict[str, Any]:
+        fast = _calibrated_eval(make_fast_eval_step(model, mesh, path=path), variables, data, n)
+        fast_s = _timed(lambda: fast(thresholds), iters)
+        return {
+            "path": path,
+            "rate": rate,
+            "masked_images_per_s": batch / masked_s,
+            "fast_images_per_s": batch / fast_s,
+            "speedup": masked_s / fast_s,
+        }
+
+    out["batch_median"] = against_masked(path)
+    if jax.default_backend() != "cpu" and path != "pallas":
+        # The row/channel-tiled Pallas kernel where "auto" does not use it yet: measured, and
+        # a failure to compile is recorded rather than fatal.
+        try:
+            out["batch_median_pallas"] = against_masked("pallas")
+        except Exception as err:  # any lowering or runtime error is a result to report
+            out["batch_median_pallas"] = {
+                "path": "pallas",
+                "error": f"{type(err).__name__}: {err}"[:500],
+            }
+    return out
+
+
+def _calibrated_eval(
+    step: Any, variables: Any, data: dict[str, Any], num_blocks: int
+) -> Callable[[jax.Array], dict[str, jax.Array]]:
+    """The eval ``step`` compiled once for calibrated gates on ``data``: a function of the
+    thresholds [num_blocks] that returns the step's outputs."""
+    key = jax.random.key(0)
+    compiled, _ = _compile(step, variables, data, key, "calibrated", jnp.zeros((num_blocks,)))
+    return lambda thresholds: compiled(variables, data, key, thresholds)
+
+
+def bench_compile_cache(name: str, size: int, batch: int, dtype: str) -> dict[str, Any]:
+    """Cold and warm (persistent cache) compile seconds of the gated model's train step."""
+    mesh = make_mesh()
+    model = build_model(name, num_classes=10, dtype=dtype)
+    tx = optax.sgd(0.01, momentum=0.9)
+    abstract = jax.eval_shape(lambda: create_train_state(model, tx, (size, size, 3), 0))
+    state = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), abstract
+    )
+    data = _batch(size, batch, 10, mesh)
+    step = make_train_step(model, tx, np.full(len(model.block_infos()), 0.5), target_weight=1.0)
+    result = {"model": name}
+    for kind in ("cold", "warm"):
+        jax.clear_caches()  # in-memory caches only: "warm" reads the compiled step from disk
+        result[f"{kind}_compile_s"] = _compile(step, state, data, jax.random.key(0))[1]["compile_s"]
+    return result
