@@ -8,8 +8,9 @@ block for every image, 2 skips it; per-block medians of p(execute) split a batch
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -24,9 +25,35 @@ from aig_jax.skip_inference import choose_path, make_fast_eval_step
 from aig_jax.steps import make_eval_step, make_train_step
 from aig_jax.train_state import create_train_state
 
-#: (result key, gated, scan_blocks) of each measured variant of a model.
-VARIANTS = (("gated", True, False), ("ungated", False, False), ("gated_scan", True, True))
-VARIANT_NAMES = tuple(tag for tag, _, _ in VARIANTS)
+#: (result key, gated, scan_blocks, threefry kernel) of each measured variant of a model. The
+#: last one sets ``jax_threefry_gpu_kernel_lowering``: on GPUs each threefry hash (two per gate:
+#: the gate's key and its noise) becomes one library kernel instead of a few hundred HLO
+#: instructions; the CPU lowers threefry as a loop either way.
+VARIANTS = (
+    ("gated", True, False, False),
+    ("ungated", False, False, False),
+    ("gated_scan", True, True, False),
+    ("gated_threefry_kernel", True, False, True),
+)
+VARIANT_NAMES = tuple(v[0] for v in VARIANTS)
+
+
+def default_variants(backend: str) -> tuple[str, ...]:
+    """The variants measured unless asked otherwise: all but the threefry kernel on CPU, where
+    it would repeat the gated model."""
+    return tuple(t for t in VARIANT_NAMES if backend != "cpu" or t != "gated_threefry_kernel")
+
+
+@contextlib.contextmanager
+def _threefry_kernel(enabled: bool) -> Iterator[None]:
+    """``jax_threefry_gpu_kernel_lowering`` set to ``enabled`` within the block."""
+    before = jax.config.jax_threefry_gpu_kernel_lowering
+    jax.config.update("jax_threefry_gpu_kernel_lowering", enabled)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_threefry_gpu_kernel_lowering", before)
+
 
 #: Calibrated thresholds on p(execute) that execute, and skip, a block for every image.
 ALWAYS, NEVER = -1.0, 2.0
@@ -90,66 +117,93 @@ def bench_model(
     skipping: bool = True,
     profile: bool = False,
 ) -> dict[str, Any]:
-    """Train and inference images/s, compile time and memory of the ``variants`` (gated,
-    ungated, gated_scan); the skipping paths of the gated model if ``skipping``; with
-    ``profile``, where each train step's time and its compile time go (:mod:`profiling`)."""
+    """Train and inference images/s, compile time and memory of the ``variants`` (see
+    :data:`VARIANTS`); the skipping paths of the gated model if ``skipping``; with ``profile``,
+    where each train step's time and its compile time go (:mod:`profiling`). A failure of the
+    threefry-kernel variant is recorded as its result rather than raised."""
     mesh = make_mesh()
     result: dict[str, Any] = {"model": name, "image_size": size, "batch": batch, "dtype": dtype}
     data = _batch(size, batch, 10, mesh)
-    key = jax.random.key(0)
-    for tag, gated, scan in VARIANTS:
+    for tag, gated, scan, threefry_kernel in VARIANTS:
         if tag not in variants:
             continue
         model = build_model(name, num_classes=10, gated=gated, dtype=dtype, scan_blocks=scan)
-        n = len(model.block_infos())
-        tx = optax.sgd(0.01, momentum=0.9)
-        state = jax.jit(
-            lambda model=model, tx=tx: create_train_state(model, tx, (size, size, 3), 0),
-            out_shardings=replicated(mesh),
-        )()
-        targets = np.full(n, 0.5 if gated else 1.0)
-        train = make_train_step(model, tx, targets, target_weight=1.0)
-        train_c, train_info = _compile(train, state, data, key, profile=profile)
-        holder = [state]
-
-        def train_once(step: Any = train_c, holder: list = holder) -> Any:
-            holder[0], metrics = step(holder[0], data, key)
-            return metrics
-
-        train_s = _timed(train_once, iters)
-        kernels = profile_step(train_once, train_c.as_text()) if profile else None
-        variables = holder[0].variables
-        thresholds = jnp.full((n,), 0.5)
-        evals = make_eval_step(model, mesh)
-        eval_c, eval_info = _compile(evals, variables, data, key, "argmax", thresholds)
-        eval_s = _timed(lambda c=eval_c, v=variables, t=thresholds: c(v, data, key, t), iters)
-        result[tag] = {
-            "train_images_per_s": batch / train_s,
-            "infer_images_per_s": batch / eval_s,
-            "train_compile": train_info,
-            "infer_compile": eval_info,
-            "peak_device_bytes": _peak_bytes(),
-        }
-        if kernels is not None:
-            result[tag]["train_kernels"] = kernels
+        try:
+            with _threefry_kernel(threefry_kernel):
+                result[tag], variables = _bench_variant(model, gated, data, iters, mesh, profile)
+        except Exception as err:  # e.g. a JAX without the kernel: a result to report
+            if not threefry_kernel:
+                raise
+            result[tag] = {"error": f"{type(err).__name__}: {err}"[:500]}
+            continue
         if tag == "gated" and skipping:
             result["gated"]["skipping"] = bench_skipping(model, variables, data, iters, mesh)
     result["ratios"] = _ratios(result)
     return result
 
 
+def _bench_variant(
+    model: Any,
+    gated: bool,
+    data: dict[str, Any],
+    iters: int,
+    mesh: jax.sharding.Mesh,
+    profile: bool,
+) -> tuple[dict[str, Any], Any]:
+    """Train and inference figures of one variant of :func:`bench_model`, and the variables
+    after its timed train steps."""
+    batch, size = data["image"].shape[:2]
+    key = jax.random.key(0)
+    n = len(model.block_infos())
+    tx = optax.sgd(0.01, momentum=0.9)
+    state = jax.jit(
+        lambda: create_train_state(model, tx, (size, size, 3), 0), out_shardings=replicated(mesh)
+    )()
+    targets = np.full(n, 0.5 if gated else 1.0)
+    train = make_train_step(model, tx, targets, target_weight=1.0)
+    train_c, train_info = _compile(train, state, data, key, profile=profile)
+    holder = [state]
+
+    def train_once() -> Any:
+        holder[0], metrics = train_c(holder[0], data, key)
+        return metrics
+
+    train_s = _timed(train_once, iters)
+    kernels = profile_step(train_once, train_c.as_text()) if profile else None
+    variables = holder[0].variables
+    thresholds = jnp.full((n,), 0.5)
+    evals = make_eval_step(model, mesh)
+    eval_c, eval_info = _compile(evals, variables, data, key, "argmax", thresholds)
+    eval_s = _timed(lambda: eval_c(variables, data, key, thresholds), iters)
+    out = {
+        "train_images_per_s": batch / train_s,
+        "infer_images_per_s": batch / eval_s,
+        "train_compile": train_info,
+        "infer_compile": eval_info,
+        "peak_device_bytes": _peak_bytes(),
+    }
+    if kernels is not None:
+        out["train_kernels"] = kernels
+    return out, variables
+
+
 def _ratios(result: dict[str, Any]) -> dict[str, float]:
-    """Gated over ungated and scanned over unrolled, for the variants measured."""
+    """Gated over ungated, scanned over unrolled and threefry kernel over gated, for the
+    variants measured (and not failed)."""
     ratios = {}
-    g, u, s = (result.get(tag) for tag in ("gated", "ungated", "gated_scan"))
+    g, u, s, k = (
+        result.get(tag) if "error" not in result.get(tag, {}) else None
+        for tag in ("gated", "ungated", "gated_scan", "gated_threefry_kernel")
+    )
     if g and u:
         ratios["train_gated_over_ungated"] = g["train_images_per_s"] / u["train_images_per_s"]
         ratios["infer_gated_over_ungated"] = g["infer_images_per_s"] / u["infer_images_per_s"]
-    if g and s:
-        ratios["train_scan_over_unrolled"] = s["train_images_per_s"] / g["train_images_per_s"]
-        ratios["compile_scan_over_unrolled"] = (
-            s["train_compile"]["compile_s"] / g["train_compile"]["compile_s"]
-        )
+    for label, other in (("scan_over_unrolled", s), ("threefry_kernel_over_gated", k)):
+        if g and other:
+            ratios[f"train_{label}"] = other["train_images_per_s"] / g["train_images_per_s"]
+            ratios[f"compile_{label}"] = (
+                other["train_compile"]["compile_s"] / g["train_compile"]["compile_s"]
+            )
     return ratios
 
 

@@ -27,7 +27,7 @@ def table(results: dict[str, Any]) -> str:
     cache and input pipeline."""
     rows = [("model", "variant", "train img/s", "infer img/s", "compile s", "peak MiB")]
     for r in results.get("models", []):
-        for tag in (t for t in VARIANT_NAMES if t in r):
+        for tag in (t for t in VARIANT_NAMES if t in r and "error" not in r[t]):
             m = r[tag]
             peak = m["peak_device_bytes"]
             rows.append(
@@ -57,6 +57,14 @@ def table(results: dict[str, Any]) -> str:
                 f"{_fmt(ratios['train_scan_over_unrolled'])}, compile time "
                 f"{_fmt(ratios['compile_scan_over_unrolled'])}"
             )
+        if "train_threefry_kernel_over_gated" in ratios:
+            lines.append(
+                f"{r['model']}: threefry kernel/gated train "
+                f"{_fmt(ratios['train_threefry_kernel_over_gated'])}, compile time "
+                f"{_fmt(ratios['compile_threefry_kernel_over_gated'])}"
+            )
+        for tag in (t for t in VARIANT_NAMES if "error" in r.get(t, {})):
+            lines.append(f"  {tag} failed: {r[tag]['error']}")
         for tag in (t for t in VARIANT_NAMES if "train_kernels" in r.get(t, {})):
             k = r[tag]["train_kernels"]
             step_ms = 1e3 * r["batch"] / r[tag]["train_images_per_s"]

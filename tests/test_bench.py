@@ -6,10 +6,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import model_bench  # noqa: E402
+import table  # noqa: E402
 
 import bench  # noqa: E402  (bench/ is not a package)
 
@@ -41,6 +45,7 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
     assert results["backend"] == "cpu" and results["jax_version"] and results["device"]
     (model,) = results["models"]
     assert model["model"] == "resnet8_cifar"
+    assert "gated_threefry_kernel" not in model  # on CPU it would repeat the gated model
     for tag in ("gated", "ungated", "gated_scan"):
         m = model[tag]
         assert _positive(m["train_images_per_s"]) and _positive(m["infer_images_per_s"])
@@ -119,3 +124,21 @@ def test_variants_and_profile_measure_only_the_asked_variants(tmp_path):
     assert len(phases) == 15 and all(s > 0 and count >= 1 for _, s, count in phases)
     assert "gated train step" in proc.stdout and "of which gates" in proc.stdout
     assert "gated train compile" in proc.stdout
+
+
+def test_a_failed_threefry_kernel_variant_is_recorded_and_other_failures_raise(monkeypatch):
+    def variant(model, gated, data, iters, mesh, profile):
+        if jax.config.jax_threefry_gpu_kernel_lowering:
+            raise RuntimeError("no cu_threefry2x32_ffi")
+        raise ValueError("broken")
+
+    monkeypatch.setattr(model_bench, "_bench_variant", variant)
+    kernel = ("gated_threefry_kernel",)
+    result = model_bench.bench_model("resnet8_cifar", 16, 8, "float32", 1, kernel)
+    assert result["gated_threefry_kernel"] == {"error": "RuntimeError: no cu_threefry2x32_ffi"}
+    assert result["ratios"] == {}
+    assert not jax.config.jax_threefry_gpu_kernel_lowering  # restored after the variant
+    text = table.table({"models": [result]})
+    assert "gated_threefry_kernel failed: RuntimeError: no cu_threefry2x32_ffi" in text
+    with pytest.raises(ValueError, match="broken"):
+        model_bench.bench_model("resnet8_cifar", 16, 8, "float32", 1, ("gated",))
