@@ -6,16 +6,16 @@ Usage (from the repository root)::
     python bench/bench.py                    # AIG-ResNet-50 224² and AIG-ResNet-110 32², batch 256
     python bench/bench.py --dtype bfloat16 --cache-dir /tmp/jax-cache
 
-One run measures, on whatever backend JAX finds: train-step and inference images/s of each
-gated model (its blocks unrolled, and scanned with ``scan_blocks``) and of the ungated model of
-the same architecture; trace and compile time; peak device memory (where the backend reports
-it) and the compiled step's memory; the skipping inference path against the masked one (batch
-1 with ``lax.cond`` at an execution rate of 0.5, and at batch scale); a cold and a warm compile
-through JAX's persistent compilation cache; the training loop of ``train.py`` against the bare
-train step; and the host input pipeline's images/s (``--sections`` picks some, ``--models``
-some models). It prints a table and writes JSON to ``bench/results/<device>.json``. Gates are
-untrained: the execution rates come from "calibrated" thresholds (-1 executes a block for every
-image, 2 skips it; per-block medians of p(execute) split a batch in halves).
+One run measures, on whatever backend JAX finds: train-step and inference images/s of each gated
+model (its blocks unrolled, scanned with ``scan_blocks``, and on GPUs with threefry kernels) and
+of the ungated model of the same architecture; trace and compile time; peak device memory (where
+the backend reports it) and the compiled step's memory; the skipping inference path against the
+masked one (batch 1 with ``lax.cond`` at an execution rate of 0.5, and at batch scale); a cold
+and a warm compile through JAX's persistent compilation cache; the training loop of ``train.py``
+against the bare train step; and the host input pipeline's images/s (``--sections`` picks some,
+``--models`` some models). It prints a table and writes JSON to ``bench/results/<device>.json``.
+Gates are untrained: the execution rates come from "calibrated" thresholds (-1 executes a block
+for every image, 2 skips it; per-block medians of p(execute) split a batch in halves).
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ VARIANTS = (
 )
 VARIANT_NAMES = tuple(v[0] for v in VARIANTS)
 
+#: Calibrated thresholds on p(execute) that execute, and skip, a block for every image.
+ALWAYS, NEVER = -1.0, 2.0
+
 
 def default_variants(backend: str) -> tuple[str, ...]:
     """The variants measured unless asked otherwise: all but the threefry kernel on CPU, where
@@ -53,10 +56,6 @@ def _threefry_kernel(enabled: bool) -> Iterator[None]:
         yield
     finally:
         jax.config.update("jax_threefry_gpu_kernel_lowering", before)
-
-
-#: Calibrated thresholds on p(execute) that execute, and skip, a block for every image.
-ALWAYS, NEVER = -1.0, 2.0
 
 
 def _timed(fn: Callable[[], Any], iters: int) -> float:
