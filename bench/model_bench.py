@@ -58,6 +58,12 @@ def _threefry_kernel(enabled: bool) -> Iterator[None]:
         jax.config.update("jax_threefry_gpu_kernel_lowering", before)
 
 
+def _error_text(err: Exception) -> str:
+    """A measurement's failure as a result to report: its type and message, at most 500
+    characters."""
+    return f"{type(err).__name__}: {err}"[:500]
+
+
 def _timed(fn: Callable[[], Any], iters: int) -> float:
     """Seconds per call of ``fn`` after one warm-up call, waiting for the device each time."""
     jax.block_until_ready(fn())
@@ -133,7 +139,7 @@ def bench_model(
         except Exception as err:  # e.g. a JAX without the kernel: a result to report
             if not threefry_kernel:
                 raise
-            result[tag] = {"error": f"{type(err).__name__}: {err}"[:500]}
+            result[tag] = {"error": _error_text(err)}
             continue
         if tag == "gated" and skipping:
             result["gated"]["skipping"] = bench_skipping(model, variables, data, iters, mesh)
@@ -260,10 +266,7 @@ def bench_skipping(
         try:
             out["batch_median_pallas"] = against_masked("pallas")
         except Exception as err:  # any lowering or runtime error is a result to report
-            out["batch_median_pallas"] = {
-                "path": "pallas",
-                "error": f"{type(err).__name__}: {err}"[:500],
-            }
+            out["batch_median_pallas"] = {"path": "pallas", "error": _error_text(err)}
     return out
 
 

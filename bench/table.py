@@ -51,18 +51,15 @@ def table(results: dict[str, Any]) -> str:
                 f"{r['model']}: gated/ungated train {_fmt(ratios['train_gated_over_ungated'])}, "
                 f"infer {_fmt(ratios['infer_gated_over_ungated'])}"
             )
-        if "train_scan_over_unrolled" in ratios:
-            lines.append(
-                f"{r['model']}: scanned/unrolled blocks train "
-                f"{_fmt(ratios['train_scan_over_unrolled'])}, compile time "
-                f"{_fmt(ratios['compile_scan_over_unrolled'])}"
-            )
-        if "train_threefry_kernel_over_gated" in ratios:
-            lines.append(
-                f"{r['model']}: threefry kernel/gated train "
-                f"{_fmt(ratios['train_threefry_kernel_over_gated'])}, compile time "
-                f"{_fmt(ratios['compile_threefry_kernel_over_gated'])}"
-            )
+        for key, label in (
+            ("scan_over_unrolled", "scanned/unrolled blocks"),
+            ("threefry_kernel_over_gated", "threefry kernel/gated"),
+        ):
+            if f"train_{key}" in ratios:
+                lines.append(
+                    f"{r['model']}: {label} train {_fmt(ratios[f'train_{key}'])}, compile time "
+                    f"{_fmt(ratios[f'compile_{key}'])}"
+                )
         for tag in (t for t in VARIANT_NAMES if "error" in r.get(t, {})):
             lines.append(f"  {tag} failed: {r[tag]['error']}")
         for tag in (t for t in VARIANT_NAMES if "train_kernels" in r.get(t, {})):
