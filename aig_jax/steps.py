@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from aig_jax.losses import total_loss
 from aig_jax.models import ModelOutput
@@ -35,6 +36,17 @@ def normalise_pixels(pixels: jax.Array, mean: Sequence[float], std: Sequence[flo
     scale = 1.0 / (PIXEL_MAX * jnp.asarray(std, jnp.float32))
     shift = jnp.asarray(mean, jnp.float32) / jnp.asarray(std, jnp.float32)
     return pixels.astype(jnp.float32) * scale - shift
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all of ``tree``'s leaves together (a float32 scalar).
+
+    One reduction over the leaves' concatenation: a sum per leaf, as in ``optax.tree.norm``,
+    compiles to a small kernel per parameter array (about 250 more launches per AIG-ResNet-110
+    train step on a GPU).
+    """
+    flat, _ = ravel_pytree(tree)
+    return jnp.sqrt(jnp.sum(jnp.square(flat.astype(jnp.float32))))
 
 
 TrainStep = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
@@ -108,7 +120,7 @@ def make_train_step(
             "target_loss": parts["target_loss"],
             "accuracy": jnp.mean(jnp.argmax(out.logits, -1) == batch["label"]),
             "gate_rates": jnp.mean(out.gates, axis=1),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": global_norm(grads),
         }
         if learning_rate is not None:
             metrics["lr"] = jnp.asarray(learning_rate(state.step), jnp.float32)

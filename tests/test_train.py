@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from aig_jax import checkpoint
@@ -20,7 +21,7 @@ from aig_jax.evaluation import predict
 from aig_jax.metrics_writer import read_metrics
 from aig_jax.model_spec import ModelSpec
 from aig_jax.sharding import make_mesh, replicate, shard_batch
-from aig_jax.steps import make_eval_step, make_train_step
+from aig_jax.steps import global_norm, make_eval_step, make_train_step
 from aig_jax.train_state import (
     create_train_state,
     gate_mask,
@@ -211,6 +212,35 @@ def test_uint8_batches_normalised_on_the_device_train_like_host_normalised_ones(
     (p_host, loss_host), (p_device, loss_device) = results
     np.testing.assert_allclose(loss_host, loss_device, rtol=1e-5)
     assert_trees_close(p_host, p_device, atol=1e-5)
+
+
+def test_grad_norm_metric_is_the_norm_of_every_gradient():
+    """With plain SGD the step's gradients are (params before - params after) / lr; the
+    logged grad_norm is their joint L2 norm, reduced here in float64 leaf by leaf."""
+    spec, model, _, _ = _small_model_and_state()
+    lr = 0.5
+    tx = optax.sgd(lr)
+    state0 = create_train_state(model, tx, (8, 8, 3), seed=0)
+    rng = np.random.default_rng(1)
+    batch = {
+        "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, 16).astype(np.int32),
+    }
+    mesh = make_mesh(1)
+    step = make_train_step(model, tx, spec.targets, target_weight=2.0, donate=False)
+    with jax.set_mesh(mesh):
+        state, metrics = step(replicate(state0, mesh), shard_batch(batch, mesh), jax.random.key(3))
+    before, after = jax.device_get((state0.params, state.params))
+    squares = [
+        np.sum(((np.asarray(b, np.float64) - np.asarray(a, np.float64)) / lr) ** 2)
+        for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+    ]
+    np.testing.assert_allclose(float(metrics["grad_norm"]), np.sqrt(sum(squares)), rtol=1e-4)
+
+
+def test_global_norm_of_mixed_leaves():
+    tree = {"a": jnp.arange(6.0).reshape(2, 3), "b": (jnp.array([3.0], jnp.bfloat16), jnp.zeros(0))}
+    assert float(global_norm(tree)) == pytest.approx(np.sqrt(55.0 + 9.0))
 
 
 def test_batch_not_divisible_by_the_devices_is_refused():
