@@ -20,7 +20,7 @@ import optax
 from profiling import profile_compile, profile_step
 
 from aig_jax.models import build_model
-from aig_jax.sharding import make_mesh, replicated, shard_batch
+from aig_jax.sharding import batch_sharded, make_mesh, replicated, shard_batch
 from aig_jax.skip_inference import choose_path, make_fast_eval_step
 from aig_jax.steps import make_eval_step, make_train_step
 from aig_jax.train_state import create_train_state
@@ -48,7 +48,7 @@ def default_variants(backend: str) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def _threefry_kernel(enabled: bool) -> Iterator[None]:
+def threefry_kernel_lowering(enabled: bool) -> Iterator[None]:
     """``jax_threefry_gpu_kernel_lowering`` set to ``enabled`` within the block."""
     before = jax.config.jax_threefry_gpu_kernel_lowering
     jax.config.update("jax_threefry_gpu_kernel_lowering", enabled)
@@ -79,7 +79,7 @@ def _peak_bytes() -> int | None:
     return None if not stats else int(stats.get("peak_bytes_in_use", 0))
 
 
-def _compile(jitted: Any, *args: Any, profile: bool = False) -> tuple[Any, dict[str, Any]]:
+def compile_timed(jitted: Any, *args: Any, profile: bool = False) -> tuple[Any, dict[str, Any]]:
     """Lower and compile ``jitted`` for ``args``: the executable, trace/compile seconds and its
     memory (arguments + outputs + temporaries, in bytes); with ``profile`` also the compiler's
     costliest phases (:func:`profiling.profile_compile`)."""
@@ -134,7 +134,7 @@ def bench_model(
             continue
         model = build_model(name, num_classes=10, gated=gated, dtype=dtype, scan_blocks=scan)
         try:
-            with _threefry_kernel(threefry_kernel):
+            with threefry_kernel_lowering(threefry_kernel):
                 result[tag], variables = _bench_variant(model, gated, data, iters, mesh, profile)
         except Exception as err:  # e.g. a JAX without the kernel: a result to report
             if not threefry_kernel:
@@ -166,7 +166,7 @@ def _bench_variant(
     )()
     targets = np.full(n, 0.5 if gated else 1.0)
     train = make_train_step(model, tx, targets, target_weight=1.0)
-    train_c, train_info = _compile(train, state, data, key, profile=profile)
+    train_c, train_info = compile_timed(train, state, data, key, profile=profile)
     holder = [state]
 
     def train_once() -> Any:
@@ -178,7 +178,7 @@ def _bench_variant(
     variables = holder[0].variables
     thresholds = jnp.full((n,), 0.5)
     evals = make_eval_step(model, mesh)
-    eval_c, eval_info = _compile(evals, variables, data, key, "argmax", thresholds)
+    eval_c, eval_info = compile_timed(evals, variables, data, key, "argmax", thresholds)
     eval_s = _timed(lambda: eval_c(variables, data, key, thresholds), iters)
     out = {
         "train_images_per_s": batch / train_s,
@@ -276,23 +276,42 @@ def _calibrated_eval(
     """The eval ``step`` compiled once for calibrated gates on ``data``: a function of the
     thresholds [num_blocks] that returns the step's outputs."""
     key = jax.random.key(0)
-    compiled, _ = _compile(step, variables, data, key, "calibrated", jnp.zeros((num_blocks,)))
+    compiled, _ = compile_timed(step, variables, data, key, "calibrated", jnp.zeros((num_blocks,)))
     return lambda thresholds: compiled(variables, data, key, thresholds)
 
 
-def bench_compile_cache(name: str, size: int, batch: int, dtype: str) -> dict[str, Any]:
-    """Cold and warm (persistent cache) compile seconds of the gated model's train step."""
-    mesh = make_mesh()
-    model = build_model(name, num_classes=10, dtype=dtype)
+def abstract_train_step(
+    model: Any, size: int, batch: int, mesh: jax.sharding.Mesh
+) -> tuple[Any, tuple[Any, ...]]:
+    """The train step of ``model`` (SGD with momentum, target rate 0.5 on gated blocks) and
+    abstract arguments for it on ``mesh``: shapes, dtypes and shardings of the state, a batch
+    of ``batch`` images [size, size, 3] and the key. Compiling needs no arrays and no device."""
     tx = optax.sgd(0.01, momentum=0.9)
     abstract = jax.eval_shape(lambda: create_train_state(model, tx, (size, size, 3), 0))
     state = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), abstract
     )
-    data = _batch(size, batch, 10, mesh)
-    step = make_train_step(model, tx, np.full(len(model.block_infos()), 0.5), target_weight=1.0)
+    shapes = {
+        "image": ((batch, size, size, 3), jnp.float32),
+        "label": ((batch,), jnp.int32),
+        "mask": ((batch,), jnp.bool_),
+        "index": ((batch,), jnp.int32),
+    }
+    data = {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharded(mesh))
+        for k, (shape, dtype) in shapes.items()
+    }
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
+    targets = np.array([0.5 if info.gated else 1.0 for info in model.block_infos()])
+    return make_train_step(model, tx, targets, target_weight=1.0), (state, data, key)
+
+
+def bench_compile_cache(name: str, size: int, batch: int, dtype: str) -> dict[str, Any]:
+    """Cold and warm (persistent cache) compile seconds of the gated model's train step."""
+    model = build_model(name, num_classes=10, dtype=dtype)
+    step, args = abstract_train_step(model, size, batch, make_mesh())
     result = {"model": name}
     for kind in ("cold", "warm"):
         jax.clear_caches()  # in-memory caches only: "warm" reads the compiled step from disk
-        result[f"{kind}_compile_s"] = _compile(step, state, data, jax.random.key(0))[1]["compile_s"]
+        result[f"{kind}_compile_s"] = compile_timed(step, *args)[1]["compile_s"]
     return result

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from model_bench import VARIANT_NAMES
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A measured value for a table: three significant digits, ``n/a`` for None."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -15,11 +17,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _phases(phases: list[list[Any]], compile_s: float, shown: int = 6) -> str:
+def phase_list(phases: list[list[Any]], compile_s: float, shown: int = 6) -> str:
     """The ``shown`` costliest compiler phases as ``name s (×count)``, leaving out those that
     last 90% of the compile or more (they wrap the whole of it)."""
     inner = [p for p in phases if p[1] < 0.9 * compile_s][:shown]
-    return ", ".join(f"{name} {_fmt(s)} s (×{count})" for name, s, count in inner)
+    return ", ".join(f"{name} {fmt(s)} s (×{count})" for name, s, count in inner)
+
+
+def aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """``rows`` of cells as lines whose columns line up (the first row is the header); no
+    lines when only the header is there."""
+    if len(rows) == 1:
+        return []
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
 
 
 def table(results: dict[str, Any]) -> str:
@@ -34,22 +45,19 @@ def table(results: dict[str, Any]) -> str:
                 (
                     f"{r['model']} {r['image_size']}² b{r['batch']}",
                     tag,
-                    _fmt(m["train_images_per_s"]),
-                    _fmt(m["infer_images_per_s"]),
-                    _fmt(m["train_compile"]["compile_s"]),
-                    _fmt(None if peak is None else peak / 2**20),
+                    fmt(m["train_images_per_s"]),
+                    fmt(m["infer_images_per_s"]),
+                    fmt(m["train_compile"]["compile_s"]),
+                    fmt(None if peak is None else peak / 2**20),
                 )
             )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    if len(rows) == 1:  # no model measured
-        lines = []
+    lines = aligned(rows)
     for r in results.get("models", []):
         ratios = r["ratios"]
         if "train_gated_over_ungated" in ratios:
             lines.append(
-                f"{r['model']}: gated/ungated train {_fmt(ratios['train_gated_over_ungated'])}, "
-                f"infer {_fmt(ratios['infer_gated_over_ungated'])}"
+                f"{r['model']}: gated/ungated train {fmt(ratios['train_gated_over_ungated'])}, "
+                f"infer {fmt(ratios['infer_gated_over_ungated'])}"
             )
         for key, label in (
             ("scan_over_unrolled", "scanned/unrolled blocks"),
@@ -57,8 +65,8 @@ def table(results: dict[str, Any]) -> str:
         ):
             if f"train_{key}" in ratios:
                 lines.append(
-                    f"{r['model']}: {label} train {_fmt(ratios[f'train_{key}'])}, compile time "
-                    f"{_fmt(ratios[f'compile_{key}'])}"
+                    f"{r['model']}: {label} train {fmt(ratios[f'train_{key}'])}, compile time "
+                    f"{fmt(ratios[f'compile_{key}'])}"
                 )
         for tag in (t for t in VARIANT_NAMES if "error" in r.get(t, {})):
             lines.append(f"  {tag} failed: {r[tag]['error']}")
@@ -66,47 +74,47 @@ def table(results: dict[str, Any]) -> str:
             k = r[tag]["train_kernels"]
             step_ms = 1e3 * r["batch"] / r[tag]["train_images_per_s"]
             lines.append(
-                f"  {tag} train step {_fmt(step_ms)} ms: {_fmt(k['ops'])} kernels, "
-                f"{_fmt(k['op_ms'])} ms of kernel time, of which gates {_fmt(k['gate_op_ms'])} ms"
+                f"  {tag} train step {fmt(step_ms)} ms: {fmt(k['ops'])} kernels, "
+                f"{fmt(k['op_ms'])} ms of kernel time, of which gates {fmt(k['gate_op_ms'])} ms"
             )
             compile_info = r[tag]["train_compile"]
             lines.append(
-                f"  {tag} train compile {_fmt(compile_info['compile_s'])} s: "
-                + _phases(compile_info["phases"], compile_info["compile_s"])
+                f"  {tag} train compile {fmt(compile_info['compile_s'])} s: "
+                + phase_list(compile_info["phases"], compile_info["compile_s"])
             )
         for label, s in r.get("gated", {}).get("skipping", {}).items():
             if label.startswith("batch1"):
                 lines.append(
-                    f"  {label}: rate {_fmt(s['rate'])}, masked "
-                    f"{_fmt(s['masked_ms_per_image'])} ms, cond {_fmt(s['cond_ms_per_image'])} "
-                    f"ms per image, speed-up {_fmt(s['speedup'])}×"
+                    f"  {label}: rate {fmt(s['rate'])}, masked "
+                    f"{fmt(s['masked_ms_per_image'])} ms, cond {fmt(s['cond_ms_per_image'])} "
+                    f"ms per image, speed-up {fmt(s['speedup'])}×"
                 )
             elif "error" in s:
                 lines.append(f"  {label} ({s['path']}): failed: {s['error']}")
             else:
                 lines.append(
-                    f"  {label} ({s['path']}): rate {_fmt(s['rate'])}, masked "
-                    f"{_fmt(s['masked_images_per_s'])}, fast {_fmt(s['fast_images_per_s'])} img/s, "
-                    f"speed-up {_fmt(s['speedup'])}×"
+                    f"  {label} ({s['path']}): rate {fmt(s['rate'])}, masked "
+                    f"{fmt(s['masked_images_per_s'])}, fast {fmt(s['fast_images_per_s'])} img/s, "
+                    f"speed-up {fmt(s['speedup'])}×"
                 )
     if "compile_cache" in results:
         c = results["compile_cache"]
         lines.append(
-            f"{c['model']} train-step compile: cold {_fmt(c['cold_compile_s'])} s, "
-            f"warm (persistent cache) {_fmt(c['warm_compile_s'])} s"
+            f"{c['model']} train-step compile: cold {fmt(c['cold_compile_s'])} s, "
+            f"warm (persistent cache) {fmt(c['warm_compile_s'])} s"
         )
     for r in results.get("loop", []):
         ratio = r.get("over_bare_step")
         lines.append(
             f"training loop {r['model']} {r['image_size']}² b{r['batch']}: "
-            f"{_fmt(r['images_per_s'])} img/s"
-            + ("" if ratio is None else f" ({_fmt(ratio)}× the bare step)")
-            + f", waiting for input {_fmt(r['input_wait_fraction'])} of the time"
+            f"{fmt(r['images_per_s'])} img/s"
+            + ("" if ratio is None else f" ({fmt(ratio)}× the bare step)")
+            + f", waiting for input {fmt(r['input_wait_fraction'])} of the time"
         )
     for p in results.get("pipeline", []):
         lines.append(
             f"input pipeline {p['preprocess']} ({p['source']}) {p['image_size']}² b{p['batch']}: "
-            f"{_fmt(p['images_per_s'])} img/s uint8 (normalised on the host: "
-            f"{_fmt(p['host_normalised_images_per_s'])})"
+            f"{fmt(p['images_per_s'])} img/s uint8 (normalised on the host: "
+            f"{fmt(p['host_normalised_images_per_s'])})"
         )
     return "\n".join(lines)

@@ -1,0 +1,256 @@
+"""Compile the train step for a GPU this host does not have: XLA's own GPU compiler, run ahead of
+time on the CPU, gives each model variant's compile time and kernel launches per step.
+
+Usage (from the repository root)::
+
+    pip install "jax-cuda12-plugin[with-cuda]==0.10.2"   # the installed jaxlib's version
+    python bench/aot_compile.py                          # H100, AIG-ResNet-50 and -110, batch 256
+    python bench/aot_compile.py --models resnet110_cifar --variants gated ungated --repeats 3
+    python bench/aot_compile.py --models resnet50 --profile    # where each compile's time goes
+    python bench/aot_compile.py --target cpu --tiny      # this host's CPU; no plugin needed
+
+No GPU, driver or CUDA installation is needed: the plugin's compiler reads the card's
+description from ``bench/targets/<target>.txtpb``. What it cannot do without the card is
+autotune (cuDNN convolution algorithms, Triton GEMM tiles), so a compile on the card takes
+that much longer, and the host's cores set the pace of the parallel phases (kernel code
+generation): compare variants within one run, not with a compile on another machine. Kernel
+launches are counted in the compiled program (a loop's body once per iteration); when a step
+is bound by launches rather than arithmetic — the CIFAR models on a GPU — they are what its
+time follows. It prints a table and writes ``bench/results/aot-<target>-<dtype>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import statistics
+import sys
+from typing import Any
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+from model_bench import (
+    VARIANT_NAMES,
+    VARIANTS,
+    abstract_train_step,
+    compile_timed,
+    threefry_kernel_lowering,
+)
+from table import aligned, fmt, phase_list
+
+from aig_jax.compilation_cache import enable_compilation_cache
+from aig_jax.models import build_model
+from bench import SIZES, select_models
+
+TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
+
+#: Instructions that launch nothing: bookkeeping, and the second half of an async pair.
+NO_LAUNCH = frozenset(
+    "parameter constant get-tuple-element tuple bitcast after-all opt-barrier "
+    "add-dependency partition-id replica-id".split()
+)
+
+
+def target_names() -> list[str]:
+    """``cpu`` (this host) and every GPU description in ``bench/targets``."""
+    gpus = sorted(f[: -len(".txtpb")] for f in os.listdir(TARGETS) if f.endswith(".txtpb"))
+    return ["cpu", *gpus]
+
+
+def target_devices(target: str) -> list[Any]:
+    """One device of ``target``: this host's CPU, or a GPU from its description (through the
+    CUDA plugin's ahead-of-time compiler). Errors name an unknown target and a missing plugin."""
+    if target == "cpu":
+        return jax.devices("cpu")[:1]
+    if target not in target_names():
+        raise ValueError(f"unknown target {target!r}; expected one of {target_names()}")
+    from jax.experimental import topologies
+
+    with open(os.path.join(TARGETS, f"{target}.txtpb")) as f:
+        config = f.read()
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", topology="1x1x1", target_config=config
+        )
+    except (NotImplementedError, RuntimeError) as err:
+        import jaxlib
+
+        raise RuntimeError(
+            f"compiling for {target} needs JAX's CUDA plugin (no GPU needed): pip install "
+            f"'jax-cuda12-plugin[with-cuda]=={jaxlib.__version__}' ({err})"
+        ) from err
+    return list(topology.devices)
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[tuple[str, str]]], str]:
+    """The ``(opcode, line)`` of each instruction per computation of an HLO module's text, and
+    the name of its entry computation."""
+    computations: dict[str, list[tuple[str, str]]] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        header = re.match(r"(ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
+        if header:
+            current = computations.setdefault(header.group(2), [])
+            entry = header.group(2) if header.group(1) else entry
+            continue
+        inst = re.match(r"\s+(?:ROOT )?%?[\w.\-]+ = (.*)$", line)
+        if current is None or not inst:
+            continue
+        rest = inst.group(1)
+        depth, i = 0, 0  # skip the shape: a tuple's has spaces inside its parentheses
+        while i < len(rest) and (depth or rest[i] != " "):
+            depth += {"(": 1, ")": -1}.get(rest[i], 0)
+            i += 1
+        current.append((rest[i + 1 :].split("(", 1)[0], line))
+    return computations, entry
+
+
+def kernel_launches(hlo_text: str) -> int:
+    """Kernels (and copies) that one run of a compiled HLO module launches: every instruction
+    of its entry computation that computes, a ``while`` loop's body and condition once per
+    iteration (its known trip count; 1 if unknown), a ``call``'s callee and a
+    ``conditional``'s costliest branch."""
+    computations, entry = _computations(hlo_text)
+
+    @functools.cache
+    def launches(name: str) -> int:
+        total = 0
+        for opcode, line in computations.get(name, []):
+            if opcode in NO_LAUNCH or opcode.endswith("-done"):
+                continue
+            if opcode == "while":
+                body = re.search(r"body=%?([\w.\-]+)", line)
+                cond = re.search(r"condition=%?([\w.\-]+)", line)
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                n = int(trip.group(1)) if trip else 1
+                c = launches(cond.group(1)) if cond else 0
+                total += n * ((launches(body.group(1)) if body else 0) + c) + c
+            elif opcode == "call":
+                callee = re.search(r"to_apply=%?([\w.\-]+)", line)
+                total += launches(callee.group(1)) if callee else 1
+            elif opcode == "conditional":
+                branches = re.findall(r"%([\w.\-]+)", line.split("branch_computations=", 1)[-1])
+                total += max((launches(b) for b in branches if b in computations), default=1)
+            else:
+                total += 1
+        return total
+
+    return launches(entry)
+
+
+def compile_variant(
+    name: str, size: int, batch: int, dtype: str, tag: str, mesh: Any, profile: bool
+) -> dict[str, Any]:
+    """Trace and compile seconds and kernel launches of one variant's train step on ``mesh``
+    (with ``profile``, also the compiler's costliest phases)."""
+    _, gated, scan, threefry_kernel = next(v for v in VARIANTS if v[0] == tag)
+    model = build_model(name, num_classes=10, gated=gated, dtype=dtype, scan_blocks=scan)
+    with threefry_kernel_lowering(threefry_kernel):
+        step, args = abstract_train_step(model, size, batch, mesh)
+        compiled, info = compile_timed(step, *args, profile=profile)
+    info["launches"] = kernel_launches(compiled.as_text())
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Compile every asked variant, print the table, write the JSON and return the results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default="h100", help=f"one of {target_names()}")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--small", action="store_const", dest="size", const="small")
+    size.add_argument("--tiny", action="store_const", dest="size", const="tiny")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    parser.add_argument("--models", nargs="+", default=None, metavar="NAME")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANT_NAMES,
+        default=["gated", "gated_threefry_kernel", "ungated"],
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="compile each variant this many times, the variants in turn (compile times on a "
+        "busy or small host vary by tens of percent); the table gives the median",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="trace the first compile's phases of each variant"
+    )
+    parser.add_argument("--out", default=None, help="JSON path")
+    args = parser.parse_args(argv)
+    setting = args.size or "full"
+    try:
+        models = select_models(SIZES[setting]["models"], args.models)
+        mesh = jax.make_mesh(
+            (1,),
+            ("data",),
+            axis_types=(jax.sharding.AxisType.Explicit,),
+            devices=target_devices(args.target),
+        )
+    except (ValueError, RuntimeError) as err:
+        parser.error(str(err))
+    enable_compilation_cache(False)  # every compile below is a cold one
+    results: dict[str, Any] = {
+        "target": args.target,
+        "device": mesh.devices.flat[0].device_kind,
+        "host_cpus": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "size": setting,
+        "dtype": args.dtype,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "models": [],
+    }
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "results",
+        f"aot-{args.target}-{args.dtype}.json",
+    )
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    tags = [t for t in VARIANT_NAMES if t in args.variants]
+    for name, img, batch in models:
+        entry: dict[str, Any] = {"model": name, "image_size": img, "batch": batch}
+        results["models"].append(entry)
+        for run in range(args.repeats):
+            for tag in tags:
+                info = compile_variant(
+                    name, img, batch, args.dtype, tag, mesh, args.profile and run == 0
+                )
+                m = entry.setdefault(tag, {**info, "compile_s_runs": []})
+                m["compile_s_runs"].append(info["compile_s"])
+                m["compile_s"] = statistics.median(m["compile_s_runs"])
+                with open(out, "w") as f:  # after every compile: an interrupted run keeps them
+                    json.dump(results, f, indent=2)
+    print(
+        f"{results['device']} ({args.target}), compiled on {os.cpu_count()} host cores, "
+        f"jax {jax.__version__}, {args.dtype}"
+    )
+    print(aot_table(results))
+    print(f"wrote {out}")
+    return results
+
+
+def aot_table(results: dict[str, Any]) -> str:
+    """One row per model and variant (median and every compile's seconds, kernel launches per
+    train step), then each variant's costliest compile phases where they were traced."""
+    rows = [("model", "variant", "compile s", "runs", "launches/step")]
+    notes = []
+    for r in results["models"]:
+        for tag in (t for t in VARIANT_NAMES if t in r):
+            m = r[tag]
+            label = f"{r['model']} {r['image_size']}² b{r['batch']}"
+            runs = " ".join(fmt(s) for s in m["compile_s_runs"])
+            rows.append((label, tag, fmt(m["compile_s"]), runs, str(m["launches"])))
+            if "phases" in m:
+                first = m["compile_s_runs"][0]
+                notes.append(f"  {tag} {r['model']}: " + phase_list(m["phases"], first))
+    return "\n".join(aligned(rows) + notes)
+
+
+if __name__ == "__main__":
+    main()
