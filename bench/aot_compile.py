@@ -9,8 +9,9 @@ Usage (from the repository root)::
     python bench/aot_compile.py --models resnet50 --profile    # where each compile's time goes
     python bench/aot_compile.py --target cpu --tiny      # this host's CPU; no plugin needed
 
-No GPU, driver or CUDA installation is needed: the plugin's compiler reads the card's
-description from ``bench/targets/<target>.txtpb``. What it cannot do without the card is
+No GPU or driver is needed (the plugin's ``with-cuda`` extra brings the CUDA compiler it runs),
+and JAX is kept on the CPU backend: the plugin's compiler reads the card's description from
+``bench/targets/<target>.txtpb``. What it cannot do without the card is
 autotune (cuDNN convolution algorithms, Triton GEMM tiles), so a compile on the card takes
 that much longer, and the host's cores set the pace of the parallel phases (kernel code
 generation): compare variants within one run, not with a compile on another machine. Kernel
@@ -30,6 +31,7 @@ import statistics
 import sys
 from typing import Any
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a target needs no device of it
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
@@ -49,7 +51,8 @@ from bench import SIZES, select_models
 
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
 
-#: Instructions that launch nothing: bookkeeping, and the second half of an async pair.
+#: Instructions that launch nothing (bookkeeping); the ``-done`` half of an async pair is
+#: left out too.
 NO_LAUNCH = frozenset(
     "parameter constant get-tuple-element tuple bitcast after-all opt-barrier "
     "add-dependency partition-id replica-id".split()
