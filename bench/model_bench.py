@@ -135,7 +135,7 @@ def bench_model(
         model = build_model(name, num_classes=10, gated=gated, dtype=dtype, scan_blocks=scan)
         try:
             with threefry_kernel_lowering(threefry_kernel):
-                result[tag], variables = _bench_variant(model, gated, data, iters, mesh, profile)
+                result[tag], variables = _bench_variant(model, data, iters, mesh, profile)
         except Exception as err:  # e.g. a JAX without the kernel: a result to report
             if not threefry_kernel:
                 raise
@@ -147,9 +147,16 @@ def bench_model(
     return result
 
 
+def bench_train_step(model: Any) -> tuple[optax.GradientTransformation, Any]:
+    """The optimizer and jitted train step every measurement uses: SGD with momentum, and a
+    target rate of 0.5 on the gated blocks (λ = 1; ungated blocks are left out of the loss)."""
+    tx = optax.sgd(0.01, momentum=0.9)
+    targets = np.array([0.5 if info.gated else 1.0 for info in model.block_infos()])
+    return tx, make_train_step(model, tx, targets, target_weight=1.0)
+
+
 def _bench_variant(
     model: Any,
-    gated: bool,
     data: dict[str, Any],
     iters: int,
     mesh: jax.sharding.Mesh,
@@ -160,12 +167,10 @@ def _bench_variant(
     batch, size = data["image"].shape[:2]
     key = jax.random.key(0)
     n = len(model.block_infos())
-    tx = optax.sgd(0.01, momentum=0.9)
+    tx, train = bench_train_step(model)
     state = jax.jit(
         lambda: create_train_state(model, tx, (size, size, 3), 0), out_shardings=replicated(mesh)
     )()
-    targets = np.full(n, 0.5 if gated else 1.0)
-    train = make_train_step(model, tx, targets, target_weight=1.0)
     train_c, train_info = compile_timed(train, state, data, key, profile=profile)
     holder = [state]
 
@@ -283,10 +288,10 @@ def _calibrated_eval(
 def abstract_train_step(
     model: Any, size: int, batch: int, mesh: jax.sharding.Mesh
 ) -> tuple[Any, tuple[Any, ...]]:
-    """The train step of ``model`` (SGD with momentum, target rate 0.5 on gated blocks) and
-    abstract arguments for it on ``mesh``: shapes, dtypes and shardings of the state, a batch
-    of ``batch`` images [size, size, 3] and the key. Compiling needs no arrays and no device."""
-    tx = optax.sgd(0.01, momentum=0.9)
+    """The train step of ``model`` (:func:`bench_train_step`) and abstract arguments for it on
+    ``mesh``: shapes, dtypes and shardings of the state, a batch of ``batch`` images
+    [size, size, 3] and the key. Compiling needs no arrays and no device."""
+    tx, step = bench_train_step(model)
     abstract = jax.eval_shape(lambda: create_train_state(model, tx, (size, size, 3), 0))
     state = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), abstract
@@ -302,8 +307,7 @@ def abstract_train_step(
         for k, (shape, dtype) in shapes.items()
     }
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
-    targets = np.array([0.5 if info.gated else 1.0 for info in model.block_infos()])
-    return make_train_step(model, tx, targets, target_weight=1.0), (state, data, key)
+    return step, (state, data, key)
 
 
 def bench_compile_cache(name: str, size: int, batch: int, dtype: str) -> dict[str, Any]:

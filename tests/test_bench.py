@@ -127,7 +127,7 @@ def test_variants_and_profile_measure_only_the_asked_variants(tmp_path):
 
 
 def test_a_failed_threefry_kernel_variant_is_recorded_and_other_failures_raise(monkeypatch):
-    def variant(model, gated, data, iters, mesh, profile):
+    def variant(model, data, iters, mesh, profile):
         if jax.config.jax_threefry_gpu_kernel_lowering:
             raise RuntimeError("no cu_threefry2x32_ffi")
         raise ValueError("broken")
