@@ -14,21 +14,26 @@ and JAX is kept on the CPU backend: the plugin's compiler reads the card's descr
 ``bench/targets/<target>.txtpb``. What it cannot do without the card is
 autotune (cuDNN convolution algorithms, Triton GEMM tiles), so a compile on the card takes
 that much longer, and the host's cores set the pace of the parallel phases (kernel code
-generation): compare variants within one run, not with a compile on another machine. Kernel
-launches are counted in the compiled program (a loop's body once per iteration); when a step
-is bound by launches rather than arithmetic — the CIFAR models on a GPU — they are what its
-time follows. It prints a table and writes ``bench/results/aot-<target>-<dtype>.json``.
+generation): compare variants within one run, not with a compile on another machine.
+
+Per train step it counts the kernels of the compiled program (a loop's body once per
+iteration) and, for a GPU target, how the executable launches them (:mod:`launches`, from the
+thunk sequence XLA dumps during each variant's first compile): the CUDA graphs into which XLA
+records runs of kernels, each one call from the host; the launches outside graphs (cuDNN
+convolutions, library calls, loop control), one call each; and the kernels inside the graphs.
+When a step is bound by launches rather than arithmetic — the CIFAR models on a GPU — the
+host's calls and the graphs' kernels are what its time follows. It prints a table and writes
+``bench/results/aot-<target>-<dtype>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
-import re
 import statistics
 import sys
+import tempfile
 from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a target needs no device of it
@@ -36,6 +41,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
+from launches import dumped_launches, kernel_launches
 from model_bench import (
     VARIANT_NAMES,
     VARIANTS,
@@ -50,13 +56,6 @@ from aig_jax.models import build_model
 from bench import SIZES, select_models
 
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
-
-#: Instructions that launch nothing (bookkeeping); the ``-done`` half of an async pair is
-#: left out too.
-NO_LAUNCH = frozenset(
-    "parameter constant get-tuple-element tuple bitcast after-all opt-barrier "
-    "add-dependency partition-id replica-id".split()
-)
 
 
 def target_names() -> list[str]:
@@ -90,73 +89,26 @@ def target_devices(target: str) -> list[Any]:
     return list(topology.devices)
 
 
-def _computations(hlo_text: str) -> tuple[dict[str, list[tuple[str, str]]], str]:
-    """The ``(opcode, line)`` of each instruction per computation of an HLO module's text, and
-    the name of its entry computation."""
-    computations: dict[str, list[tuple[str, str]]] = {}
-    entry, current = "", None
-    for line in hlo_text.splitlines():
-        header = re.match(r"(ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
-        if header:
-            current = computations.setdefault(header.group(2), [])
-            entry = header.group(2) if header.group(1) else entry
-            continue
-        inst = re.match(r"\s+(?:ROOT )?%?[\w.\-]+ = (.*)$", line)
-        if current is None or not inst:
-            continue
-        rest = inst.group(1)
-        depth, i = 0, 0  # skip the shape: a tuple's has spaces inside its parentheses
-        while i < len(rest) and (depth or rest[i] != " "):
-            depth += {"(": 1, ")": -1}.get(rest[i], 0)
-            i += 1
-        current.append((rest[i + 1 :].split("(", 1)[0], line))
-    return computations, entry
-
-
-def kernel_launches(hlo_text: str) -> int:
-    """Kernels (and copies) that one run of a compiled HLO module launches: every instruction
-    of its entry computation that computes, a ``while`` loop's body and condition once per
-    iteration (its known trip count; 1 if unknown), a ``call``'s callee and a
-    ``conditional``'s costliest branch."""
-    computations, entry = _computations(hlo_text)
-
-    @functools.cache
-    def launches(name: str) -> int:
-        total = 0
-        for opcode, line in computations.get(name, []):
-            if opcode in NO_LAUNCH or opcode.endswith("-done"):
-                continue
-            if opcode == "while":
-                body = re.search(r"body=%?([\w.\-]+)", line)
-                cond = re.search(r"condition=%?([\w.\-]+)", line)
-                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                n = int(trip.group(1)) if trip else 1
-                c = launches(cond.group(1)) if cond else 0
-                total += n * ((launches(body.group(1)) if body else 0) + c) + c
-            elif opcode == "call":
-                callee = re.search(r"to_apply=%?([\w.\-]+)", line)
-                total += launches(callee.group(1)) if callee else 1
-            elif opcode == "conditional":
-                branches = re.findall(r"%([\w.\-]+)", line.split("branch_computations=", 1)[-1])
-                total += max((launches(b) for b in branches if b in computations), default=1)
-            else:
-                total += 1
-        return total
-
-    return launches(entry)
-
-
 def compile_variant(
-    name: str, size: int, batch: int, dtype: str, tag: str, mesh: Any, profile: bool
+    name: str, size: int, batch: int, dtype: str, tag: str, mesh: Any, first: bool, profile: bool
 ) -> dict[str, Any]:
-    """Trace and compile seconds and kernel launches of one variant's train step on ``mesh``
-    (with ``profile``, also the compiler's costliest phases)."""
+    """Trace and compile seconds and kernel launches of one variant's train step on ``mesh``.
+    The ``first`` compile of a variant also has XLA dump the program into a temporary folder,
+    from which a GPU target's CUDA graphs and other launches per step are read (see
+    :mod:`launches`); with ``profile`` it also lists the compiler's costliest phases."""
     _, gated, scan, threefry_kernel = next(v for v in VARIANTS if v[0] == tag)
     model = build_model(name, num_classes=10, gated=gated, dtype=dtype, scan_blocks=scan)
-    with threefry_kernel_lowering(threefry_kernel):
+    with tempfile.TemporaryDirectory() as dump, threefry_kernel_lowering(threefry_kernel):
         step, args = abstract_train_step(model, size, batch, mesh)
-        compiled, info = compile_timed(step, *args, profile=profile)
-    info["launches"] = kernel_launches(compiled.as_text())
+        options = {"xla_dump_to": dump} if first else None
+        compiled, info = compile_timed(step, *args, profile=profile, compiler_options=options)
+        hlo = compiled.as_text()
+        info["launches"] = kernel_launches(hlo)
+        host = dumped_launches(dump, hlo) if first else None
+    if host is not None:
+        info.update(
+            graph_launches=host.graphs, other_launches=host.other, graph_kernels=host.graph_kernels
+        )
     return info
 
 
@@ -221,8 +173,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["models"].append(entry)
         for run in range(args.repeats):
             for tag in tags:
+                first = run == 0
                 info = compile_variant(
-                    name, img, batch, args.dtype, tag, mesh, args.profile and run == 0
+                    name, img, batch, args.dtype, tag, mesh, first, args.profile and first
                 )
                 m = entry.setdefault(tag, {**info, "compile_s_runs": []})
                 m["compile_s_runs"].append(info["compile_s"])
@@ -239,16 +192,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def aot_table(results: dict[str, Any]) -> str:
-    """One row per model and variant (median and every compile's seconds, kernel launches per
-    train step), then each variant's costliest compile phases where they were traced."""
-    rows = [("model", "variant", "compile s", "runs", "launches/step")]
+    """One row per model and variant (median and every compile's seconds; per train step the
+    kernels, and on a GPU target the host's launches: CUDA graphs and other launches, and the
+    kernels inside the graphs), then each variant's costliest compile phases where they were
+    traced."""
+    rows = [("model", "variant", "compile s", "runs", "kernels", "graphs", "other", "in graphs")]
     notes = []
     for r in results["models"]:
         for tag in (t for t in VARIANT_NAMES if t in r):
             m = r[tag]
             label = f"{r['model']} {r['image_size']}² b{r['batch']}"
             runs = " ".join(fmt(s) for s in m["compile_s_runs"])
-            rows.append((label, tag, fmt(m["compile_s"]), runs, str(m["launches"])))
+            host = (fmt(m.get(k)) for k in ("graph_launches", "other_launches", "graph_kernels"))
+            rows.append((label, tag, fmt(m["compile_s"]), runs, str(m["launches"]), *host))
             if "phases" in m:
                 first = m["compile_s_runs"][0]
                 notes.append(f"  {tag} {r['model']}: " + phase_list(m["phases"], first))

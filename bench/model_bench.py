@@ -79,19 +79,25 @@ def _peak_bytes() -> int | None:
     return None if not stats else int(stats.get("peak_bytes_in_use", 0))
 
 
-def compile_timed(jitted: Any, *args: Any, profile: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Lower and compile ``jitted`` for ``args``: the executable, trace/compile seconds and its
-    memory (arguments + outputs + temporaries, in bytes); with ``profile`` also the compiler's
-    costliest phases (:func:`profiling.profile_compile`)."""
+def compile_timed(
+    jitted: Any,
+    *args: Any,
+    profile: bool = False,
+    compiler_options: dict[str, Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Lower and compile ``jitted`` for ``args`` (with XLA's ``compiler_options``, if any):
+    the executable, trace/compile seconds and its memory (arguments + outputs + temporaries,
+    in bytes); with ``profile`` also the compiler's costliest phases
+    (:func:`profiling.profile_compile`)."""
     start = time.perf_counter()
     lowered = jitted.lower(*args)
     info: dict[str, Any] = {"trace_s": time.perf_counter() - start}
     if profile:
-        compiled, phases = profile_compile(lowered)
+        compiled, phases = profile_compile(lowered, compiler_options=compiler_options)
         info.update(phases)
     else:
         start = time.perf_counter()
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=compiler_options)
         info["compile_s"] = time.perf_counter() - start
     mem = compiled.memory_analysis()
     if mem is not None:

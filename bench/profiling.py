@@ -154,8 +154,11 @@ def _outermost(
         open_events.append((start + duration, name))
 
 
-def profile_compile(lowered: Any, top: int = 15) -> tuple[Any, dict[str, Any]]:
-    """Compile ``lowered`` (a ``jax.stages.Lowered``) under the profiler.
+def profile_compile(
+    lowered: Any, top: int = 15, compiler_options: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """Compile ``lowered`` (a ``jax.stages.Lowered``, with XLA's ``compiler_options`` if any)
+    under the profiler.
 
     Returns the compiled executable and ``{"compile_s": wall seconds, "phases": ...}`` with
     the ``top`` phases of :func:`compile_phases`.
@@ -163,7 +166,7 @@ def profile_compile(lowered: Any, top: int = 15) -> tuple[Any, dict[str, Any]]:
 
     def timed() -> tuple[Any, float]:
         start = time.perf_counter()
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=compiler_options)
         return compiled, time.perf_counter() - start
 
     (compiled, seconds), profile = _trace(timed)
