@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import launches  # noqa: E402  (bench/ is not a package)
 from launches import Launches  # noqa: E402
 
+from aig_jax.compilation_cache import enable_compilation_cache  # noqa: E402
+
 # Entry: 2 kernels, a 3-trip loop (body 2 kernels, condition 1), a call (1 kernel) and an async
 # copy (its start launches, its done does not); tuples, parameters and bitcasts launch nothing.
 HLO = """
@@ -225,7 +227,11 @@ def test_a_real_gpu_program_launches_every_kernel_once(tmp_path):
 
         return jax.lax.fori_loop(0, 4, body, x)
 
-    compiled = jax.jit(f).lower(x).compile(compiler_options={"xla_dump_to": str(tmp_path)})
+    enable_compilation_cache(False)  # a program read from the cache would not be dumped
+    try:
+        compiled = jax.jit(f).lower(x).compile(compiler_options={"xla_dump_to": str(tmp_path)})
+    finally:
+        enable_compilation_cache(True)
     hlo = compiled.as_text()
     got = launches.dumped_launches(str(tmp_path), hlo)
     # The convolution ends each iteration's graph: one graph launch per iteration.
