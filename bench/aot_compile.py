@@ -93,18 +93,20 @@ def compile_variant(
     name: str, size: int, batch: int, dtype: str, tag: str, mesh: Any, first: bool, profile: bool
 ) -> dict[str, Any]:
     """Trace and compile seconds and kernel launches of one variant's train step on ``mesh``.
-    The ``first`` compile of a variant also has XLA dump the program into a temporary folder,
-    from which a GPU target's CUDA graphs and other launches per step are read (see
+    The ``first`` compile of a variant for a GPU target also has XLA dump the program into a
+    temporary folder, from which its CUDA graphs and other launches per step are read (see
     :mod:`launches`); with ``profile`` it also lists the compiler's costliest phases."""
     _, gated, scan, threefry_kernel = next(v for v in VARIANTS if v[0] == tag)
     model = build_model(name, num_classes=10, gated=gated, dtype=dtype, scan_blocks=scan)
+    # XLA:CPU writes no thunk sequence: only a GPU target's first compile is dumped.
+    dumped = first and mesh.devices.flat[0].platform != "cpu"
     with tempfile.TemporaryDirectory() as dump, threefry_kernel_lowering(threefry_kernel):
         step, args = abstract_train_step(model, size, batch, mesh)
-        options = {"xla_dump_to": dump} if first else None
+        options = {"xla_dump_to": dump} if dumped else None
         compiled, info = compile_timed(step, *args, profile=profile, compiler_options=options)
         hlo = compiled.as_text()
         info["launches"] = kernel_launches(hlo)
-        host = dumped_launches(dump, hlo) if first else None
+        host = dumped_launches(dump, hlo) if dumped else None
     if host is not None:
         info.update(
             graph_launches=host.graphs, other_launches=host.other, graph_kernels=host.graph_kernels

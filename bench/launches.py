@@ -176,31 +176,27 @@ def thunk_launches(thunks: list[Thunk], trips: dict[int, int]) -> Launches:
     """What one run of ``thunks`` launches (see :class:`Launches`); ``trips`` gives the trip
     count of a loop thunk by its id (1 where missing)."""
 
-    def inside_graph(thunk: Thunk) -> int:
-        if thunk.kind == "kWhile":
-            n = trips.get(thunk.id, 1)
-            cond = sum(inside_graph(t) for t in thunk.sections.get("condition", []))
-            return n * (sum(inside_graph(t) for t in thunk.sections.get("body", [])) + cond) + cond
-        if thunk.sections:  # a conditional: its costliest branch
-            return max(sum(inside_graph(t) for t in ts) for ts in thunk.sections.values())
-        return 0 if thunk.kind.endswith("Done") else 1
+    def launches(thunk: Thunk, in_graph: bool) -> Launches:
+        """``thunk``'s launches; inside a graph, what would be a launch is a graph kernel."""
 
-    def launches(thunk: Thunk) -> Launches:
+        def run(thunks: list[Thunk]) -> Launches:
+            return sum((launches(t, in_graph) for t in thunks), NONE)
+
         if thunk.kind == "kCommandBuffer":
-            return Launches(1, 0, sum(inside_graph(t) for t in thunk.children))
+            return Launches(graphs=1) + sum((launches(t, True) for t in thunk.children), NONE)
         if thunk.kind == "kSequential":
-            return sum((launches(t) for t in thunk.children), NONE)
+            return run(thunk.children)
         if thunk.kind == "kWhile":
-            n = trips.get(thunk.id, 1)
-            cond = sum((launches(t) for t in thunk.sections.get("condition", [])), NONE)
-            body = sum((launches(t) for t in thunk.sections.get("body", [])), NONE)
-            return (body + cond) * n + cond
-        if thunk.sections:
-            branches = [sum((launches(t) for t in ts), NONE) for ts in thunk.sections.values()]
+            cond = run(thunk.sections.get("condition", []))
+            return (run(thunk.sections.get("body", [])) + cond) * trips.get(thunk.id, 1) + cond
+        if thunk.sections:  # a conditional: its costliest branch
+            branches = [run(ts) for ts in thunk.sections.values()]
             return max(branches, key=lambda b: (b.graphs + b.other, b.graph_kernels))
-        return NONE if thunk.kind.endswith("Done") else Launches(0, 1, 0)
+        if thunk.kind.endswith("Done"):
+            return NONE
+        return Launches(graph_kernels=1) if in_graph else Launches(other=1)
 
-    return sum((launches(t) for t in thunks), NONE)
+    return sum((launches(t, False) for t in thunks), NONE)
 
 
 def dumped_launches(dump_dir: str, hlo_text: str) -> Launches | None:
