@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
 
-    def save() -> None:  # after every section, so an interrupted run keeps what it measured
+    def save() -> None:  # after every measurement, so an interrupted run keeps what it measured
         with open(out, "w") as f:
             json.dump(results, f, indent=2)
 
@@ -195,20 +195,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(cache_dir, ignore_errors=True)
     if "models" in args.sections:
         results["models"] = []
-        for name, img, batch in models:
-            results["models"].append(
-                bench_model(
-                    name,
-                    img,
-                    batch,
-                    args.dtype,
-                    setting["iters"],
-                    tuple(args.variants or default_variants(jax.default_backend())),
-                    skipping=not args.no_skipping,
-                    profile=args.profile,
-                )
+        for i, (name, img, batch) in enumerate(models):
+            results["models"].append({"model": name})
+
+            def progress(partial: dict[str, Any], i: int = i) -> None:
+                results["models"][i] = partial
+                save()
+
+            bench_model(
+                name,
+                img,
+                batch,
+                args.dtype,
+                setting["iters"],
+                tuple(args.variants or default_variants(jax.default_backend())),
+                skipping=not args.no_skipping,
+                profile=args.profile,
+                progress=progress,
             )
-            save()
     if "loop" in args.sections:
         results["loop"] = []
         for name, img, batch in models:

@@ -9,6 +9,7 @@ block for every image, 2 skips it; per-block medians of p(execute) split a batch
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -127,11 +128,14 @@ def bench_model(
     variants: tuple[str, ...] = VARIANT_NAMES,
     skipping: bool = True,
     profile: bool = False,
+    progress: Callable[[dict[str, Any]], None] = lambda result: None,
 ) -> dict[str, Any]:
     """Train and inference images/s, compile time and memory of the ``variants`` (see
     :data:`VARIANTS`); the skipping paths of the gated model if ``skipping``; with ``profile``,
     where each train step's time and its compile time go (:mod:`profiling`). A failure of the
-    threefry-kernel variant is recorded as its result rather than raised."""
+    threefry-kernel variant is recorded as its result rather than raised. ``progress`` is
+    called with the result so far after each variant's train and inference figures and once
+    complete, so that a run stopped midway keeps what it measured."""
     mesh = make_mesh()
     result: dict[str, Any] = {"model": name, "image_size": size, "batch": batch, "dtype": dtype}
     data = _batch(size, batch, 10, mesh)
@@ -139,9 +143,20 @@ def bench_model(
         if tag not in variants:
             continue
         model = build_model(name, num_classes=10, gated=gated, dtype=dtype, scan_blocks=scan)
+
+        def say(text: str, tag: str = tag) -> None:
+            print(f"{name} {tag}: {text}", file=sys.stderr, flush=True)
+
+        def measured(figures: dict[str, Any], tag: str = tag) -> None:
+            result[tag] = figures
+            say(_summary(figures))
+            progress(result)
+
         try:
             with threefry_kernel_lowering(threefry_kernel):
-                result[tag], variables = _bench_variant(model, data, iters, mesh, profile)
+                result[tag], variables = _bench_variant(
+                    model, data, iters, mesh, profile, say, measured
+                )
         except Exception as err:  # e.g. a JAX without the kernel: a result to report
             if not threefry_kernel:
                 raise
@@ -150,6 +165,7 @@ def bench_model(
         if tag == "gated" and skipping:
             result["gated"]["skipping"] = bench_skipping(model, variables, data, iters, mesh)
     result["ratios"] = _ratios(result)
+    progress(result)
     return result
 
 
@@ -167,9 +183,13 @@ def _bench_variant(
     iters: int,
     mesh: jax.sharding.Mesh,
     profile: bool,
+    say: Callable[[str], None],
+    measured: Callable[[dict[str, Any]], None],
 ) -> tuple[dict[str, Any], Any]:
     """Train and inference figures of one variant of :func:`bench_model`, and the variables
-    after its timed train steps."""
+    after its timed train steps. ``say`` is told which step starts compiling (compiles take
+    minutes on large models), and ``measured`` receives the figures after the train step's
+    and again after the inference step's."""
     batch, size = data["image"].shape[:2]
     key = jax.random.key(0)
     n = len(model.block_infos())
@@ -177,6 +197,7 @@ def _bench_variant(
     state = jax.jit(
         lambda: create_train_state(model, tx, (size, size, 3), 0), out_shardings=replicated(mesh)
     )()
+    say("tracing and compiling the train step")
     train_c, train_info = compile_timed(train, state, data, key, profile=profile)
     holder = [state]
 
@@ -185,22 +206,32 @@ def _bench_variant(
         return metrics
 
     train_s = _timed(train_once, iters)
-    kernels = profile_step(train_once, train_c.as_text()) if profile else None
+    out: dict[str, Any] = {"train_images_per_s": batch / train_s, "train_compile": train_info}
+    if profile:
+        out["train_kernels"] = profile_step(train_once, train_c.as_text())
+    measured(out)
     variables = holder[0].variables
     thresholds = jnp.full((n,), 0.5)
     evals = make_eval_step(model, mesh)
+    say("tracing and compiling the inference step")
     eval_c, eval_info = compile_timed(evals, variables, data, key, "argmax", thresholds)
     eval_s = _timed(lambda: eval_c(variables, data, key, thresholds), iters)
-    out = {
-        "train_images_per_s": batch / train_s,
-        "infer_images_per_s": batch / eval_s,
-        "train_compile": train_info,
-        "infer_compile": eval_info,
-        "peak_device_bytes": _peak_bytes(),
-    }
-    if kernels is not None:
-        out["train_kernels"] = kernels
+    out.update(
+        infer_images_per_s=batch / eval_s, infer_compile=eval_info, peak_device_bytes=_peak_bytes()
+    )
+    measured(out)
     return out, variables
+
+
+def _summary(figures: dict[str, Any]) -> str:
+    """One progress line of a variant's figures so far: images/s and compile seconds."""
+    parts = [
+        f"{step} {figures[f'{step}_images_per_s']:,.0f} img/s, compiled in "
+        f"{figures[f'{step}_compile']['compile_s']:.1f} s"
+        for step in ("train", "infer")
+        if f"{step}_images_per_s" in figures
+    ]
+    return "; ".join(parts)
 
 
 def _ratios(result: dict[str, Any]) -> dict[str, float]:

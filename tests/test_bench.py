@@ -78,6 +78,9 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
     ]
     assert all(_positive(p["images_per_s"]) for p in results["pipeline"])
     assert all(_positive(p["host_normalised_images_per_s"]) for p in results["pipeline"])
+    threads = os.cpu_count() or 1  # whole waves of one batch per thread, at least 2 batches
+    assert all(p["batches_timed"] % threads == 0 for p in results["pipeline"])
+    assert all(p["batches_timed"] >= 2 for p in results["pipeline"])
 
 
 def test_bench_sections_measure_only_what_is_asked(tmp_path):
@@ -127,7 +130,7 @@ def test_variants_and_profile_measure_only_the_asked_variants(tmp_path):
 
 
 def test_a_failed_threefry_kernel_variant_is_recorded_and_other_failures_raise(monkeypatch):
-    def variant(model, data, iters, mesh, profile):
+    def variant(model, data, iters, mesh, profile, say, measured):
         if jax.config.jax_threefry_gpu_kernel_lowering:
             raise RuntimeError("no cu_threefry2x32_ffi")
         raise ValueError("broken")
@@ -142,3 +145,46 @@ def test_a_failed_threefry_kernel_variant_is_recorded_and_other_failures_raise(m
     assert "gated_threefry_kernel failed: RuntimeError: no cu_threefry2x32_ffi" in text
     with pytest.raises(ValueError, match="broken"):
         model_bench.bench_model("resnet8_cifar", 16, 8, "float32", 1, ("gated",))
+
+
+@pytest.fixture
+def restored_jax_cache_config():
+    """bench.main points JAX's persistent cache elsewhere and turns it off: put back the
+    test session's settings afterwards."""
+    from aig_jax.compilation_cache import enable_compilation_cache
+
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+        "jax_enable_compilation_cache",
+    )
+    saved = {k: jax.config.values[k] for k in keys}
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    enable_compilation_cache(saved["jax_enable_compilation_cache"])
+
+
+def test_an_interrupted_bench_keeps_the_figures_measured_so_far(
+    tmp_path, monkeypatch, capsys, restored_jax_cache_config
+):
+    train = {"train_images_per_s": 123.0, "train_compile": {"trace_s": 0.5, "compile_s": 4.5}}
+
+    def variant(model, data, iters, mesh, profile, say, measured):
+        measured(train)
+        say("tracing and compiling the inference step")
+        raise KeyboardInterrupt  # stopped while compiling the inference step
+
+    monkeypatch.setattr(model_bench, "_bench_variant", variant)
+    monkeypatch.setattr(model_bench, "_batch", lambda *args: {})  # no real step runs
+    out = tmp_path / "stopped.json"
+    args = ["--tiny", "--sections", "models", "--variants", "gated", "ungated", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(args)
+    (model,) = json.loads(out.read_text())["models"]
+    assert model["model"] == "resnet8_cifar" and model["gated"] == train
+    assert "ungated" not in model and "ratios" not in model
+    err = capsys.readouterr().err
+    assert "resnet8_cifar gated: train 123 img/s, compiled in 4.5 s\n" in err
+    assert err.endswith("resnet8_cifar gated: tracing and compiling the inference step\n")
