@@ -122,14 +122,18 @@ class ResidualBlock(nn.Module):
         train: bool,
         gate_mode: str,
         threshold: jax.Array | float = 0.5,
+        noise: jax.Array | None = None,
     ) -> tuple[jax.Array, GateOutput]:
-        """Apply the block to ``x`` [B, H, W, C_in].
+        """Apply the block to ``x`` [B, H, W, C_in]; ``noise`` is the gate's Gumbel noise
+        [B, 2] in gate mode "sample" (see :mod:`aig_jax.gates`).
 
         Returns the output [B, H/s, W/s, C_out] and the gate's decision and p(execute), each
         [B]; an ungated block reports 1 for both.
         """
         if self.gated:
-            gate = self.gate_cls(name="gate")(x, train=train, mode=gate_mode, threshold=threshold)
+            gate = self.gate_cls(name="gate")(
+                x, train=train, mode=gate_mode, threshold=threshold, noise=noise
+            )
         else:
             # ones_like keeps the batch's sharding, so the [L, B] stack of decisions agrees
             # across gated and ungated blocks under an explicit ('data',) mesh.

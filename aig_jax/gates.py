@@ -9,10 +9,17 @@ Every gate, including those a fork registers, follows one contract so that the r
 never need editing::
 
     gate = GateClass(name="gate")
-    out = gate(x, train=..., mode=..., threshold=...)   # x: [B, H, W, C]
+    out = gate(x, train=..., mode=..., threshold=..., noise=...)   # x: [B, H, W, C]
     out.decision  # [B] float32, exactly 0.0 or 1.0 (1 = execute the block)
     out.prob      # [B] float32, noise-free p(execute)
     GateClass().cost(in_features)  # (MACs per image, parameters), for the cost model
+
+In mode "sample", ``noise`` is [B, 2] float32 standard Gumbel noise (:func:`gumbel_noise`),
+else None. The model draws the noise of all its gates at once, from its ``gumbel`` rng stream,
+because a draw inside each gate is code that XLA compiles once per gate (in AIG-ResNet-110,
+over a third of the train step's compile time). A gate that needs other noise can derive
+it (``noise[:, 1] - noise[:, 0]`` is standard logistic) or draw its own with
+``self.make_rng("gumbel")``.
 
 Gate computations run in float32 whatever the model's compute dtype, so bf16 training cannot
 flip decisions through rounding.
@@ -55,7 +62,7 @@ def gumbel_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return -jnp.log(GUMBEL_EPS - jnp.log(u + GUMBEL_EPS))
 
 
-def straight_through_gumbel(logits: jax.Array, key: jax.Array, tau: float = 1.0) -> jax.Array:
+def straight_through_gumbel(logits: jax.Array, noise: jax.Array, tau: float = 1.0) -> jax.Array:
     """Hard Gumbel-softmax sample with the straight-through gradient.
 
     Forward: the one-hot of ``argmax(logits + g)`` with Gumbel noise ``g``; values are exactly
@@ -63,14 +70,14 @@ def straight_through_gumbel(logits: jax.Array, key: jax.Array, tau: float = 1.0)
 
     Args:
       logits: [..., K] unnormalised log-probabilities.
-      key: PRNG key for the noise.
+      noise: [..., K] standard Gumbel noise (:func:`gumbel_noise`).
       tau: softmax temperature of the relaxed sample (the gradient path only).
 
     Returns:
       [..., K] float32 one-hot samples.
     """
     logits = logits.astype(jnp.float32)
-    perturbed = logits + gumbel_noise(key, logits.shape)
+    perturbed = logits + noise
     soft = jax.nn.softmax(perturbed / tau, axis=-1)
     hard = jax.nn.one_hot(jnp.argmax(perturbed, axis=-1), logits.shape[-1], dtype=jnp.float32)
     # hard + (soft - soft) is exactly hard in the forward pass and carries soft's gradient.
@@ -97,11 +104,11 @@ def decide(
     *,
     tau: float,
     threshold: jax.Array | float,
-    key: jax.Array | None,
+    noise: jax.Array | None,
 ) -> GateOutput:
     """Turn two-way gate logits [B, 2] into a :class:`GateOutput` according to ``mode``.
 
-    ``sample`` draws a hard straight-through Gumbel sample with ``key`` (required then);
+    ``sample`` draws a hard straight-through Gumbel sample with ``noise`` [B, 2] (required then);
     ``argmax`` thresholds p(execute) at 0.5; ``calibrated`` thresholds it at ``threshold``;
     ``open`` executes every image. Deterministic modes pass the gradient of p(execute) straight
     through, so attacks can differentiate through them.
@@ -111,9 +118,12 @@ def decide(
     # any temperature (τ only shapes the straight-through gradient).
     prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, 1]
     if mode == "sample":
-        if key is None:
-            raise ValueError("gate mode 'sample' needs a PRNG key (the 'gumbel' rng stream)")
-        decision = straight_through_gumbel(logits, key, tau)[:, 1]
+        if noise is None:
+            raise ValueError(
+                "gate mode 'sample' needs Gumbel noise [B, 2] (the model draws it from its "
+                "'gumbel' rng stream)"
+            )
+        decision = straight_through_gumbel(logits, noise, tau)[:, 1]
     elif mode == "argmax":
         decision = straight_through_threshold(prob, 0.5)
     elif mode == "calibrated":
@@ -169,8 +179,10 @@ class GumbelGate(nn.Module):
         train: bool,
         mode: str,
         threshold: jax.Array | float = 0.5,
+        noise: jax.Array | None = None,
     ) -> GateOutput:
-        """Decide for each image of ``x`` [B, H, W, C]; returns decisions and probs, each [B]."""
+        """Decide for each image of ``x`` [B, H, W, C] (with Gumbel ``noise`` [B, 2] in mode
+        "sample"); returns decisions and probs, each [B]."""
         w = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         w = nn.Dense(self.hidden, dtype=jnp.float32, name="fc1")(w)
         w = nn.BatchNorm(
@@ -188,8 +200,7 @@ class GumbelGate(nn.Module):
             bias_init=_fc2_bias_init,
             name="fc2",
         )(w)
-        key = self.make_rng("gumbel") if mode == "sample" else None
-        return decide(logits, mode, tau=self.tau, threshold=threshold, key=key)
+        return decide(logits, mode, tau=self.tau, threshold=threshold, noise=noise)
 
 
 #: Gates by name: ``config.gate`` picks one; forks add theirs with ``GATES.register``.

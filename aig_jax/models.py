@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from aig_jax.blocks import BasicBlock, Bottleneck, ResidualBlock, batch_norm, conv
-from aig_jax.gates import GATES, GateOutput, GumbelGate, check_gate_mode
+from aig_jax.gates import GATES, GateOutput, GumbelGate, check_gate_mode, gumbel_noise
 from aig_jax.registry import Registry
 
 CIFAR_WIDTHS = (16, 32, 64)
@@ -140,8 +140,9 @@ class ResNet(nn.Module):
 
         Args:
           train: BatchNorm uses batch statistics (and updates ``batch_stats``) when True.
-          gate_mode: "sample" (default when training; needs the ``gumbel`` rng), "argmax"
-            (default otherwise), "open" (every block executes) or "calibrated".
+          gate_mode: "sample" (default when training; draws the Gumbel noise of every gate
+            at once from the ``gumbel`` rng), "argmax" (default otherwise), "open" (every block
+            executes) or "calibrated".
           thresholds: [L] thresholds on p(execute), required by "calibrated".
 
         Returns:
@@ -167,18 +168,31 @@ class ResNet(nn.Module):
             x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         limits = jnp.full((len(infos),), 0.5) if thresholds is None else jnp.asarray(thresholds)
+        # The Gumbel noise of every gate in one draw, [L, B, 2]: drawn gate by gate, each draw
+        # derives its own key and generates its own bits, code that XLA compiles once per gate.
+        noise = None
+        if mode == "sample" and any(info.gated for info in infos):
+            noise = gumbel_noise(self.make_rng("gumbel"), (len(infos), x.shape[0], 2))
         decisions, probs = [], []
         scan = self.scan_blocks and not self.is_initializing()
         for run in _runs(infos) if scan else [[i] for i in range(len(infos))]:
             if len(run) == 1:
                 info = infos[run[0]]
                 block = self._block(info, name=info.name)
-                x, gate = block(x, train=train, gate_mode=mode, threshold=limits[run[0]])
+                x, gate = block(
+                    x,
+                    train=train,
+                    gate_mode=mode,
+                    threshold=limits[run[0]],
+                    noise=None if noise is None else noise[run[0]],
+                )
                 decisions.append(gate.decision[None])
                 probs.append(gate.prob[None])
             else:
+                span = slice(run[0], run[-1] + 1)
+                run_noise = None if noise is None else noise[span]
                 x, gate = self._scan(
-                    [infos[i] for i in run], x, train, mode, limits[run[0] : run[-1] + 1]
+                    [infos[i] for i in run], x, train, mode, limits[span], run_noise
                 )
                 decisions.append(gate.decision)
                 probs.append(gate.prob)
@@ -205,12 +219,15 @@ class ResNet(nn.Module):
         train: bool,
         mode: str,
         thresholds: jax.Array,
+        noise: jax.Array | None,
     ) -> tuple[jax.Array, GateOutput]:
         """Apply the identical blocks ``run`` in order with one ``lax.scan``.
 
         Each block's variables are read from its own subtree, stacked along a new leading axis
         of length n = len(run), and the updated BatchNorm statistics are written back to the
-        same subtrees. ``x`` [B, H, W, C] → (output [B, H, W, C], gates with [n, B] fields).
+        same subtrees; block i gets ``thresholds[i]`` and, in mode "sample", the Gumbel noise
+        ``noise[i]`` ([n, B, 2]). ``x`` [B, H, W, C] → (output [B, H, W, C], gates with [n, B]
+        fields).
         """
         block = self._block(run[0])  # unbound: applied as a pure function per step
         names = [info.name for info in run]
@@ -218,23 +235,17 @@ class ResNet(nn.Module):
             col: jax.tree.map(lambda *a: jnp.stack(a), *[self.variables[col][n] for n in names])
             for col in ("params", "batch_stats")
         }
-        keys = (
-            jax.random.split(self.make_rng("gumbel"), len(run))
-            if mode == "sample"
-            else jnp.zeros((len(run),))
-        )
 
         def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
-            variables, threshold, key = xs
-            rngs = {"gumbel": key} if mode == "sample" else {}
-            kwargs = dict(train=train, gate_mode=mode, threshold=threshold, rngs=rngs)
+            variables, threshold, block_noise = xs
+            kwargs = dict(train=train, gate_mode=mode, threshold=threshold, noise=block_noise)
             if not train:
                 h, gate = block.apply(variables, h, **kwargs)
                 return h, (gate, variables["batch_stats"])
             (h, gate), updates = block.apply(variables, h, mutable=["batch_stats"], **kwargs)
             return h, (gate, updates["batch_stats"])
 
-        x, (gates, stats) = jax.lax.scan(body, x, (stacked, thresholds, keys))
+        x, (gates, stats) = jax.lax.scan(body, x, (stacked, thresholds, noise))
         if train:
             for i, name in enumerate(names):
                 self.put_variable("batch_stats", name, jax.tree.map(lambda a, i=i: a[i], stats))

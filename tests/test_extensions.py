@@ -23,7 +23,13 @@ from aig_jax import checkpoint
 from aig_jax.blocks import ConvSpec, ResidualBlock, batch_norm, conv
 from aig_jax.data import SOURCES, make_source, train_iterator
 from aig_jax.flops import model_cost
-from aig_jax.gates import GATES, GateOutput, check_gate_mode, straight_through_threshold
+from aig_jax.gates import (
+    GATES,
+    GateOutput,
+    check_gate_mode,
+    gumbel_noise,
+    straight_through_threshold,
+)
 from aig_jax.metrics_writer import read_metrics
 from aig_jax.model_spec import ModelSpec
 from aig_jax.models import MODELS, ResNet, build_model
@@ -47,7 +53,13 @@ class SigmoidGate(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, *, train: bool, mode: str, threshold: jax.Array | float = 0.5
+        self,
+        x: jax.Array,
+        *,
+        train: bool,
+        mode: str,
+        threshold: jax.Array | float = 0.5,
+        noise: jax.Array | None = None,
     ) -> GateOutput:
         del train
         check_gate_mode(mode)
@@ -56,7 +68,9 @@ class SigmoidGate(nn.Module):
         score = nn.Dense(1, bias_init=nn.initializers.constant(1.0), name="score")(w)[:, 0]
         prob = jax.nn.sigmoid(score)
         if mode == "sample":
-            u = jax.random.uniform(self.make_rng("gumbel"), prob.shape)
+            assert noise is not None  # the model draws it in mode "sample"
+            # The difference of two Gumbels is logistic, and its sigmoid uniform on (0, 1).
+            u = jax.nn.sigmoid(noise[:, 0] - noise[:, 1])
             decision = straight_through_threshold(prob, u)  # 1 with probability p
         elif mode == "open":
             decision = jnp.ones_like(prob)
@@ -193,9 +207,8 @@ def test_custom_gate_decides_by_mode_and_declares_its_cost():
     for bias, expected in ((50.0, 1.0), (-50.0, 0.0)):
         params = variables["params"]
         forced = {"params": {**params, "score": {**params["score"], "bias": jnp.array([bias])}}}
-        sample = gate.apply(
-            forced, x, train=True, mode="sample", rngs={"gumbel": jax.random.key(2)}
-        )
+        noise = gumbel_noise(jax.random.key(2), (6, 2))
+        sample = gate.apply(forced, x, train=True, mode="sample", noise=noise)
         np.testing.assert_array_equal(sample.decision, [expected] * 6)
     with pytest.raises(ValueError, match="'soft'"):
         apply(mode="soft")

@@ -20,7 +20,7 @@ def test_gumbel_noise_matches_reference_formula():
 
 def test_straight_through_forward_is_exactly_one_hot():
     logits = jax.random.normal(jax.random.key(0), (512, 2)) * 3
-    y = straight_through_gumbel(logits, jax.random.key(1))
+    y = straight_through_gumbel(logits, gumbel_noise(jax.random.key(1), logits.shape))
     values = np.unique(np.asarray(y))
     assert set(values.tolist()) <= {0.0, 1.0}
     np.testing.assert_array_equal(np.asarray(y).sum(-1), 1.0)
@@ -36,7 +36,7 @@ def test_straight_through_gradient_is_the_softmax_gradient(tau):
     key = jax.random.key(5)
 
     def hard(lg):
-        return jnp.sum(weights * straight_through_gumbel(lg, key, tau))
+        return jnp.sum(weights * straight_through_gumbel(lg, gumbel_noise(key, lg.shape), tau))
 
     def soft(lg):
         return jnp.sum(weights * jax.nn.softmax((lg + gumbel_noise(key, lg.shape)) / tau, -1))
@@ -48,7 +48,7 @@ def test_straight_through_gradient_is_the_softmax_gradient(tau):
 def test_sampling_frequency_matches_softmax_probability():
     n = 40_000
     logits = jnp.tile(jnp.array([[0.3, 1.1]]), (n, 1))
-    y = straight_through_gumbel(logits, jax.random.key(7))
+    y = straight_through_gumbel(logits, gumbel_noise(jax.random.key(7), logits.shape))
     freq = float(jnp.mean(y[:, 1]))
     p = float(jax.nn.softmax(jnp.array([0.3, 1.1]))[1])
     sigma = np.sqrt(p * (1 - p) / n)
@@ -64,8 +64,12 @@ def test_threshold_decision_is_hard_with_prob_gradient():
 
 def _init_gate(x, rngs):
     gate = GumbelGate()
-    variables = gate.init(rngs, x, train=True, mode="sample")
+    variables = gate.init(rngs, x, train=True, mode="argmax")
     return gate, variables
+
+
+def _noise(key, x):
+    return gumbel_noise(key, (x.shape[0], 2))
 
 
 def test_initial_open_rate_is_about_87_percent(rngs):
@@ -76,7 +80,7 @@ def test_initial_open_rate_is_about_87_percent(rngs):
         x,
         train=True,
         mode="sample",
-        rngs={"gumbel": jax.random.key(9)},
+        noise=_noise(jax.random.key(9), x),
         mutable=["batch_stats"],
     )
     expected = float(jax.nn.sigmoid(1.9))  # fc2 bias (0.1, 2.0), near-zero weights
@@ -93,7 +97,7 @@ def test_modes(rngs):
     params["params"]["fc2"]["kernel"] = jax.random.normal(jax.random.key(1), (16, 2))
     outs = {
         m: gate.apply(
-            params, x, train=False, mode=m, threshold=0.8, rngs={"gumbel": rngs["gumbel"]}
+            params, x, train=False, mode=m, threshold=0.8, noise=_noise(rngs["gumbel"], x)
         )
         for m in ("argmax", "open", "calibrated", "sample")
     }
@@ -103,9 +107,17 @@ def test_modes(rngs):
     np.testing.assert_array_equal(outs["calibrated"].decision, (prob > 0.8).astype(np.float32))
     np.testing.assert_array_equal(outs["open"].decision, 1.0)
     assert set(np.unique(outs["sample"].decision).tolist()) <= {0.0, 1.0}
-    # argmax is deterministic; sampling is not (with another key).
-    again = gate.apply(params, x, train=False, mode="sample", rngs={"gumbel": jax.random.key(99)})
+    # argmax is deterministic; sampling is not (with other noise).
+    again = gate.apply(params, x, train=False, mode="sample", noise=_noise(jax.random.key(99), x))
     assert not np.array_equal(again.decision, outs["sample"].decision)
+    # The sample is the argmax of logits + noise, exactly: p(execute) > 0.5 decides when the
+    # noise is equal for both ways, and a large noise on one way forces it.
+    tie = gate.apply(params, x, train=False, mode="sample", noise=jnp.zeros((64, 2)))
+    np.testing.assert_array_equal(tie.decision, outs["argmax"].decision)
+    for way in (0, 1):
+        forced = jnp.zeros((64, 2)).at[:, way].set(100.0)
+        out = gate.apply(params, x, train=False, mode="sample", noise=forced)
+        np.testing.assert_array_equal(out.decision, float(way))
 
 
 def test_gate_stays_float32_under_bf16(rngs):
@@ -120,5 +132,5 @@ def test_unknown_mode_and_missing_rng(rngs):
     gate, variables = _init_gate(x, rngs)
     with pytest.raises(ValueError, match="unknown gate mode 'stochastic'"):
         gate.apply(variables, x, train=False, mode="stochastic")
-    with pytest.raises(Exception, match="gumbel"):
+    with pytest.raises(ValueError, match=r"gate mode 'sample' needs Gumbel noise \[B, 2\]"):
         gate.apply(variables, x, train=False, mode="sample")

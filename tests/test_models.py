@@ -178,17 +178,25 @@ def test_scanned_blocks_equal_the_unrolled_model(make, size):
     assert _max_diff(ga, gb) < 1e-4 * max(1.0, float(la))
 
 
-def test_scanned_sampled_gates_are_reproducible_per_key():
-    model = build_model("resnet14_cifar", scan_blocks=True)
+def test_scanned_sampled_gates_equal_the_unrolled_model_and_follow_the_key():
+    model, scanned = (build_model("resnet14_cifar", scan_blocks=s) for s in (False, True))
     x = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))
     variables = model.init(RNGS, x, train=True)
+    # p(execute) = 1/2 in every gate: each decision is the noise's alone.
+    variables["params"] = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.zeros_like(a) if "fc2" in jax.tree_util.keystr(path) else a,
+        variables["params"],
+    )
 
-    def sample(key):
-        out, _ = model.apply(
-            variables, x, train=True, rngs={"gumbel": key}, mutable=["batch_stats"]
-        )
-        return out.gates
+    def sample(net, key):
+        out, _ = net.apply(variables, x, train=True, rngs={"gumbel": key}, mutable=["batch_stats"])
+        return out
 
-    first = sample(jax.random.key(5))
-    np.testing.assert_array_equal(first, sample(jax.random.key(5)))
-    assert first.shape == (6, 8) and not np.array_equal(first, sample(jax.random.key(6)))
+    first = sample(scanned, jax.random.key(5))
+    unrolled = sample(model, jax.random.key(5))
+    # One draw of noise for all gates: block i gets slice i, scanned or not.
+    np.testing.assert_array_equal(first.gates, unrolled.gates)
+    np.testing.assert_allclose(first.logits, unrolled.logits, atol=1e-5)
+    assert first.gates.shape == (6, 8) and 0 < float(jnp.mean(first.gates)) < 1
+    np.testing.assert_array_equal(first.gates, sample(scanned, jax.random.key(5)).gates)
+    assert not np.array_equal(first.gates, sample(scanned, jax.random.key(6)).gates)
