@@ -56,9 +56,9 @@ def bench_pipeline(
     (normalised on the device), and batches normalised on the host.
 
     Each of the host's threads makes whole batches, and they start together, so batches come
-    in waves of one per thread: the first wave (thread start-up) is left out, and at least
-    ``steps`` batches are timed in whole waves, since timing part of a wave would count the
-    wave's other batches as free or as lost."""
+    in rounds of one per thread: the first round (thread start-up) is left out, and at least
+    ``steps`` batches are timed in whole rounds, since timing part of a round would count the
+    round's other batches as free or as lost."""
     cfg = default.get_config().dataset
     cfg.source, cfg.image_size, cfg.num_examples, cfg.preprocess = "synthetic", size, 4096, kind
     if kind == "imagenet":
@@ -83,7 +83,7 @@ def bench_pipeline(
             num_threads=threads,
             normalised=normalised,
         )
-        for _ in range(threads):  # the first wave
+        for _ in range(threads):  # the first round
             next(batches)
         start = time.perf_counter()
         for _ in batches:

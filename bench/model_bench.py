@@ -154,9 +154,7 @@ def bench_model(
 
         try:
             with threefry_kernel_lowering(threefry_kernel):
-                result[tag], variables = _bench_variant(
-                    model, data, iters, mesh, profile, say, measured
-                )
+                variables = _bench_variant(model, data, iters, mesh, profile, say, measured)
         except Exception as err:  # e.g. a JAX without the kernel: a result to report
             if not threefry_kernel:
                 raise
@@ -185,9 +183,9 @@ def _bench_variant(
     profile: bool,
     say: Callable[[str], None],
     measured: Callable[[dict[str, Any]], None],
-) -> tuple[dict[str, Any], Any]:
-    """Train and inference figures of one variant of :func:`bench_model`, and the variables
-    after its timed train steps. ``say`` is told which step starts compiling (compiles take
+) -> Any:
+    """Measure one variant of :func:`bench_model` and return its variables after the timed
+    train steps. ``say`` is told which step starts compiling (compiles take
     minutes on large models), and ``measured`` receives the figures after the train step's
     and again after the inference step's."""
     batch, size = data["image"].shape[:2]
@@ -220,7 +218,7 @@ def _bench_variant(
         infer_images_per_s=batch / eval_s, infer_compile=eval_info, peak_device_bytes=_peak_bytes()
     )
     measured(out)
-    return out, variables
+    return variables
 
 
 def _summary(figures: dict[str, Any]) -> str:

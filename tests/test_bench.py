@@ -78,7 +78,7 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
     ]
     assert all(_positive(p["images_per_s"]) for p in results["pipeline"])
     assert all(_positive(p["host_normalised_images_per_s"]) for p in results["pipeline"])
-    threads = os.cpu_count() or 1  # whole waves of one batch per thread, at least 2 batches
+    threads = os.cpu_count() or 1  # whole rounds of one batch per thread, at least 2 batches
     assert all(p["batches_timed"] % threads == 0 for p in results["pipeline"])
     assert all(p["batches_timed"] >= 2 for p in results["pipeline"])
 
