@@ -78,10 +78,24 @@ def straight_through_gumbel(logits: jax.Array, noise: jax.Array, tau: float = 1.
     """
     logits = logits.astype(jnp.float32)
     perturbed = logits + noise
-    soft = jax.nn.softmax(perturbed / tau, axis=-1)
-    hard = jax.nn.one_hot(jnp.argmax(perturbed, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    if logits.shape[-1] == 2:
+        # Two ways, the gates' case: the softmax is a sigmoid of the difference and the argmax
+        # a comparison (ties go to way 0, as argmax's do). Elementwise, XLA fuses them with the
+        # gate's other elementwise work; reductions over an axis of length 2 would each be a
+        # kernel of their own, forward and backward, in every gate.
+        diff = perturbed[..., 1] - perturbed[..., 0]
+        soft = _two_ways(jax.nn.sigmoid(diff / tau))
+        hard = _two_ways((diff > 0).astype(jnp.float32))
+    else:
+        soft = jax.nn.softmax(perturbed / tau, axis=-1)
+        hard = jax.nn.one_hot(jnp.argmax(perturbed, axis=-1), logits.shape[-1], dtype=jnp.float32)
     # hard + (soft - soft) is exactly hard in the forward pass and carries soft's gradient.
     return hard + (soft - jax.lax.stop_gradient(soft))
+
+
+def _two_ways(second: jax.Array) -> jax.Array:
+    """[..., 2] probabilities of two ways from the second's [...]."""
+    return jnp.stack([1.0 - second, second], axis=-1)
 
 
 def straight_through_threshold(prob: jax.Array, threshold: jax.Array | float) -> jax.Array:
@@ -116,7 +130,9 @@ def decide(
     check_gate_mode(mode)
     # p(execute) = softmax(logits)[1] is the probability that a hard Gumbel sample executes at
     # any temperature (τ only shapes the straight-through gradient).
-    prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[:, 1]
+    # (As the sigmoid of the difference, elementwise: see straight_through_gumbel.)
+    logits = logits.astype(jnp.float32)
+    prob = jax.nn.sigmoid(logits[:, 1] - logits[:, 0])
     if mode == "sample":
         if noise is None:
             raise ValueError(

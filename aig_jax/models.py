@@ -68,8 +68,8 @@ class ResNet(nn.Module):
       scan_blocks: apply each run of identical blocks (a stage's blocks after its first, with
         the same gated flag) as one ``lax.scan`` over their stacked variables, so XLA compiles
         one block body per run instead of one per block. Parameters keep the per-block layout
-        (checkpoints are interchangeable); outputs equal the unrolled model's, except that
-        sampled gates draw other Gumbel noise.
+        (checkpoints are interchangeable); outputs equal the unrolled model's, sampled gates
+        included.
     """
 
     stage_sizes: Sequence[int]
@@ -173,33 +173,37 @@ class ResNet(nn.Module):
         noise = None
         if mode == "sample" and any(info.gated for info in infos):
             noise = gumbel_noise(self.make_rng("gumbel"), (len(infos), x.shape[0], 2))
+        # Each block reads its noise and threshold, and writes its decision and p(execute),
+        # at an index XLA cannot see: with constant indices every gate's kernels would differ
+        # in a slice offset, and XLA would compile them once per gate instead of once.
+        index = jax.lax.optimization_barrier(tuple(jnp.int32(i) for i in range(len(infos))))
         decisions, probs = [], []
         scan = self.scan_blocks and not self.is_initializing()
-        for run in _runs(infos) if scan else [[i] for i in range(len(infos))]:
-            if len(run) == 1:
+        runs = _runs(infos) if scan else [[i] for i in range(len(infos))]
+        for run in runs:
+            start, n = index[run[0]], len(run)
+            run_limits = jax.lax.dynamic_slice_in_dim(limits, start, n)
+            run_noise = None if noise is None else jax.lax.dynamic_slice_in_dim(noise, start, n)
+            if n == 1:
                 info = infos[run[0]]
                 block = self._block(info, name=info.name)
                 x, gate = block(
                     x,
                     train=train,
                     gate_mode=mode,
-                    threshold=limits[run[0]],
-                    noise=None if noise is None else noise[run[0]],
+                    threshold=run_limits[0],
+                    noise=None if run_noise is None else run_noise[0],
                 )
-                decisions.append(gate.decision[None])
-                probs.append(gate.prob[None])
+                gate = GateOutput(gate.decision[None], gate.prob[None])
             else:
-                span = slice(run[0], run[-1] + 1)
-                run_noise = None if noise is None else noise[span]
-                x, gate = self._scan(
-                    [infos[i] for i in run], x, train, mode, limits[span], run_noise
-                )
-                decisions.append(gate.decision)
-                probs.append(gate.prob)
+                x, gate = self._scan([infos[i] for i in run], x, train, mode, run_limits, run_noise)
+            decisions.append(gate.decision)
+            probs.append(gate.prob)
         x = jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
+        starts = tuple(index[run[0]] for run in runs)
         return ModelOutput(
-            logits.astype(jnp.float32), jnp.concatenate(decisions), jnp.concatenate(probs)
+            logits.astype(jnp.float32), stack_rows(decisions, starts), stack_rows(probs, starts)
         )
 
     def _block(self, info: BlockInfo, name: str | None = None) -> ResidualBlock:
@@ -250,6 +254,32 @@ class ResNet(nn.Module):
             for i, name in enumerate(names):
                 self.put_variable("batch_stats", name, jax.tree.map(lambda a, i=i: a[i], stats))
         return x, gates
+
+
+@jax.custom_vjp
+def stack_rows(parts: list[jax.Array], starts: tuple[jax.Array, ...]) -> jax.Array:
+    """Concatenate ``parts`` ([n_i, B] each) into [L, B]; part i starts at row ``starts[i]``.
+
+    Its gradient reads each part's rows at its start with a dynamic slice rather than the
+    static slice of the concatenation's own gradient, so that with the opaque ``starts`` of
+    :meth:`ResNet.__call__` the backward pass of every gate is the same code.
+    """
+    del starts
+    return jnp.concatenate(parts)
+
+
+def _stack_rows_fwd(parts: list[jax.Array], starts: tuple[jax.Array, ...]) -> tuple[jax.Array, Any]:
+    return jnp.concatenate(parts), (starts, [p.shape[0] for p in parts])
+
+
+def _stack_rows_bwd(residuals: Any, ct: jax.Array) -> tuple[list[jax.Array], None]:
+    starts, sizes = residuals
+    return [
+        jax.lax.dynamic_slice_in_dim(ct, s, n) for s, n in zip(starts, sizes, strict=True)
+    ], None
+
+
+stack_rows.defvjp(_stack_rows_fwd, _stack_rows_bwd)
 
 
 def _runs(infos: Sequence[BlockInfo]) -> list[list[int]]:

@@ -1,10 +1,12 @@
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from aig_jax.blocks import Bottleneck
-from aig_jax.models import MODELS, ResNet, build_model, num_blocks
+from aig_jax.losses import total_loss
+from aig_jax.models import MODELS, ResNet, build_model, num_blocks, stack_rows
 from aig_jax.schedules import gated_flags, target_rates
 
 RNGS = {"params": jax.random.key(0), "gumbel": jax.random.key(1)}
@@ -200,3 +202,57 @@ def test_scanned_sampled_gates_equal_the_unrolled_model_and_follow_the_key():
     assert first.gates.shape == (6, 8) and 0 < float(jnp.mean(first.gates)) < 1
     np.testing.assert_array_equal(first.gates, sample(scanned, jax.random.key(5)).gates)
     assert not np.array_equal(first.gates, sample(scanned, jax.random.key(6)).gates)
+
+
+def _eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else [value]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _eqns(sub)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_gates_index_their_layer_rows_at_indices_unknown_to_the_compiler(scan):
+    # A row of the stacked [L, ...] noise, thresholds or gate gradients read at a constant
+    # index makes each gate's fused kernels differ by that offset: XLA then compiles them once
+    # per gate (AIG-ResNet-110 for an H100: 443 kernels instead of 209).
+    model = build_model("resnet14_cifar", scan_blocks=scan)
+    blocks = model.num_blocks  # 6: no other axis of the arrays below has that length
+    x = jnp.zeros((3, 8, 8, 3))
+    variables = model.init(RNGS, x, train=True)
+
+    def loss(params):
+        out, _ = model.apply(
+            {**variables, "params": params}, x, train=True, rngs=RNGS, mutable=["batch_stats"]
+        )
+        return total_loss(
+            out.logits, jnp.zeros(3, jnp.int32), out.gates, jnp.full(blocks, 0.5), target_weight=1
+        )[0]
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr
+    per_layer = [
+        e
+        for e in _eqns(jaxpr)
+        if e.invars and getattr(e.invars[0].aval, "shape", ())[:1] == (blocks,)
+    ]
+    static = [e.primitive.name for e in per_layer if e.primitive.name in ("slice", "split")]
+    assert not static, f"layer rows sliced at constant offsets: {static}"
+    reads = [e for e in per_layer if e.primitive.name == "dynamic_slice"]
+    assert len(reads) >= 3 * (2 if scan else blocks)  # noise, thresholds and gradients
+    assert not any(isinstance(e.invars[1], jax.extend.core.Literal) for e in reads)
+
+
+def test_stacked_gate_rows_have_the_gradient_of_their_concatenation():
+    parts = [jax.random.normal(jax.random.key(i), (n, 4)) for i, n in enumerate((1, 3, 2))]
+    weights = jax.random.normal(jax.random.key(9), (6, 4))
+    starts = tuple(jnp.int32(s) for s in (0, 1, 4))
+    stacked = stack_rows(parts, starts)
+    np.testing.assert_array_equal(stacked, jnp.concatenate(parts))
+    grads = jax.grad(lambda p: jnp.sum(weights * stack_rows(p, starts)))(parts)
+    for grad, rows in zip(grads, (weights[:1], weights[1:4], weights[4:]), strict=True):
+        np.testing.assert_array_equal(grad, rows)
