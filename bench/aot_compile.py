@@ -22,8 +22,10 @@ thunk sequence XLA dumps during each variant's first compile): the CUDA graphs i
 records runs of kernels, each one call from the host; the launches outside graphs (cuDNN
 convolutions, library calls, loop control), one call each; and the kernels inside the graphs.
 When a step is bound by launches rather than arithmetic — the CIFAR models on a GPU — the
-host's calls and the graphs' kernels are what its time follows. It prints a table and writes
-``bench/results/aot-<target>-<dtype>.json``.
+host's calls and the graphs' kernels are what its time follows. For a GPU target it also
+counts the kernels XLA generated code for ("compiled"): identical fusions share one kernel, so
+this is where per-block differences in the code show up as compile time. It prints a table and
+writes ``bench/results/aot-<target>-<dtype>.json``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
-from launches import dumped_launches, kernel_launches
+from launches import compiled_kernels, dumped_launches, kernel_launches
 from model_bench import (
     VARIANT_NAMES,
     VARIANTS,
@@ -107,6 +109,9 @@ def compile_variant(
         hlo = compiled.as_text()
         info["launches"] = kernel_launches(hlo)
         host = dumped_launches(dump, hlo) if dumped else None
+        generated = compiled_kernels(dump) if dumped else None
+    if generated is not None:
+        info["compiled_kernels"] = generated
     if host is not None:
         info.update(
             graph_launches=host.graphs, other_launches=host.other, graph_kernels=host.graph_kernels
@@ -198,7 +203,8 @@ def aot_table(results: dict[str, Any]) -> str:
     kernels, and on a GPU target the host's launches: CUDA graphs and other launches, and the
     kernels inside the graphs), then each variant's costliest compile phases where they were
     traced."""
-    rows = [("model", "variant", "compile s", "runs", "kernels", "graphs", "other", "in graphs")]
+    columns = "model|variant|compile s|runs|compiled|kernels|graphs|other|in graphs"
+    rows: list[tuple[str, ...]] = [tuple(columns.split("|"))]
     notes = []
     for r in results["models"]:
         for tag in (t for t in VARIANT_NAMES if t in r):
@@ -206,7 +212,10 @@ def aot_table(results: dict[str, Any]) -> str:
             label = f"{r['model']} {r['image_size']}² b{r['batch']}"
             runs = " ".join(fmt(s) for s in m["compile_s_runs"])
             host = (fmt(m.get(k)) for k in ("graph_launches", "other_launches", "graph_kernels"))
-            rows.append((label, tag, fmt(m["compile_s"]), runs, str(m["launches"]), *host))
+            compiled = fmt(m.get("compiled_kernels"))
+            rows.append(
+                (label, tag, fmt(m["compile_s"]), runs, compiled, str(m["launches"]), *host)
+            )
             if "phases" in m:
                 first = m["compile_s_runs"][0]
                 notes.append(f"  {tag} {r['model']}: " + phase_list(m["phases"], first))

@@ -10,6 +10,11 @@ Two views of the same train step:
   calls, loop control) one by one. A step bound by launch overhead follows the host's calls;
   the kernels inside graphs cost the device a short gap each instead.
 
+A third figure is what the compiler generated code for: :func:`compiled_kernels` counts the
+kernels in the PTX it dumped. XLA reuses one kernel for identical fusions, so the count falls
+when repeated blocks compile to the same code, and kernel code generation takes time in
+proportion.
+
 Loops count their body once per iteration (the HLO's known trip count; 1 if unknown) and their
 condition once more than that; a conditional counts its costliest branch.
 """
@@ -222,3 +227,18 @@ def dumped_launches(dump_dir: str, hlo_text: str) -> Launches | None:
             names = thunk_names(f.read())
     loops = trip_counts(hlo_text)
     return thunk_launches(thunks, {i: loops[n] for i, n in names.items() if n in loops})
+
+
+def compiled_kernels(dump_dir: str) -> int | None:
+    """Kernels the GPU compiler generated code for, from the PTX it dumped into ``dump_dir``
+    (``--xla_dump_to``): the entry points of all ``.ptx`` files. XLA reuses one kernel for
+    fusions with the same code, so this is at most the number of kernels a step launches.
+    None when no PTX was dumped (XLA:CPU writes none)."""
+    found = [f for f in os.listdir(dump_dir) if f.endswith(".ptx")]
+    if not found:
+        return None
+    entries = 0
+    for name in found:
+        with open(os.path.join(dump_dir, name)) as f:
+            entries += sum(1 for line in f if line.startswith(".visible .entry "))
+    return entries

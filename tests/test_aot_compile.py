@@ -33,8 +33,9 @@ def test_cpu_target_writes_compile_times_and_launches(tmp_path):
     proc = _run(*args, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     header = proc.stdout.splitlines()[1].split()
-    assert header[5:] == ["kernels", "graphs", "other", "in", "graphs"], header
-    assert proc.stdout.splitlines()[2].split()[-3:] == ["n/a"] * 3  # no CUDA graphs on a CPU
+    assert header[5:] == ["compiled", "kernels", "graphs", "other", "in", "graphs"], header
+    row = proc.stdout.splitlines()[2].split()
+    assert row[-3:] == ["n/a"] * 3 and row[-5] == "n/a"  # no CUDA graphs nor PTX on a CPU
     assert str(out) in proc.stdout
     results = json.loads(out.read_text())
     assert results["target"] == "cpu" and results["host_cpus"] == os.cpu_count()
@@ -48,6 +49,7 @@ def test_cpu_target_writes_compile_times_and_launches(tmp_path):
     assert model["gated"]["launches"] > model["ungated"]["launches"] > 0  # the gates' kernels
     # XLA:CPU writes no thunk sequence: no CUDA graphs to count
     assert "graph_launches" not in model["gated"] and "graph_kernels" not in model["ungated"]
+    assert "compiled_kernels" not in model["gated"]
 
 
 def test_an_unknown_target_is_named():

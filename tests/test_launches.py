@@ -201,6 +201,17 @@ def test_dumped_launches_reads_a_dump_folder(tmp_path):
         launches.dumped_launches(str(tmp_path), LOOPS_HLO)
 
 
+def test_compiled_kernels_counts_the_entry_points_of_the_dumped_ptx(tmp_path):
+    assert launches.compiled_kernels(str(tmp_path)) is None  # XLA:CPU dumps no PTX
+    (tmp_path / "module_0001.jit_step.1.ptx").write_text(
+        "//\n.version 8.4\n.visible .entry loop_add_fusion(\n\t.param .u64 a\n)\n"
+        ".visible .entry input_reduce_fusion_3(\n)\n.func helper()\n"
+    )
+    (tmp_path / "module_0001.jit_step.2.ptx").write_text(".visible .entry gemm_fusion_dot(\n)\n")
+    (tmp_path / "module_0001.jit_step.2.ir-with-opt.ll").write_text(".visible .entry not_ptx(\n")
+    assert launches.compiled_kernels(str(tmp_path)) == 3
+
+
 def _has_cuda_plugin() -> bool:
     try:
         return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
@@ -245,3 +256,5 @@ def test_a_real_gpu_program_launches_every_kernel_once(tmp_path):
     assert got is not None and got.graphs == 4 and got.graph_kernels % 4 == 0
     # Every kernel the HLO launches runs either inside a graph or on its own.
     assert got.graph_kernels + got.other == launches.kernel_launches(hlo)
+    # The six products' kernels are one compiled kernel with six launches per iteration.
+    assert 0 < launches.compiled_kernels(str(tmp_path)) < launches.kernel_launches(hlo)
