@@ -256,30 +256,33 @@ class ResNet(nn.Module):
         return x, gates
 
 
-@jax.custom_vjp
 def stack_rows(parts: list[jax.Array], starts: tuple[jax.Array, ...]) -> jax.Array:
-    """Concatenate ``parts`` ([n_i, B] each) into [L, B]; part i starts at row ``starts[i]``.
+    """Concatenate ``parts`` ([n_i, B] each) into [L, B].
 
-    Its gradient reads each part's rows at its start with a dynamic slice rather than the
-    static slice of the concatenation's own gradient, so that with the opaque ``starts`` of
-    :meth:`ResNet.__call__` the backward pass of every gate is the same code.
+    ``starts`` holds each part's first row (n_0 + … + n_{i-1}) as int32 scalars. The gradient
+    reads each part's rows with a dynamic slice at its start, rather than the static slice of
+    the concatenation's own gradient: with the starts hidden from the compiler, as
+    :meth:`ResNet.__call__` passes them, the backward pass of every gate is the same code.
     """
-    del starts
+    return _stack_rows(tuple(p.shape[0] for p in parts), list(parts), tuple(starts))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _stack_rows(sizes: tuple[int, ...], parts: list[jax.Array], starts: tuple) -> jax.Array:
+    del sizes, starts
     return jnp.concatenate(parts)
 
 
-def _stack_rows_fwd(parts: list[jax.Array], starts: tuple[jax.Array, ...]) -> tuple[jax.Array, Any]:
-    return jnp.concatenate(parts), (starts, [p.shape[0] for p in parts])
+def _stack_rows_fwd(sizes: tuple[int, ...], parts: list[jax.Array], starts: tuple) -> tuple:
+    return jnp.concatenate(parts), starts
 
 
-def _stack_rows_bwd(residuals: Any, ct: jax.Array) -> tuple[list[jax.Array], None]:
-    starts, sizes = residuals
-    return [
-        jax.lax.dynamic_slice_in_dim(ct, s, n) for s, n in zip(starts, sizes, strict=True)
-    ], None
+def _stack_rows_bwd(sizes: tuple[int, ...], starts: tuple, ct: jax.Array) -> tuple:
+    rows = [jax.lax.dynamic_slice_in_dim(ct, s, n) for s, n in zip(starts, sizes, strict=True)]
+    return rows, None
 
 
-stack_rows.defvjp(_stack_rows_fwd, _stack_rows_bwd)
+_stack_rows.defvjp(_stack_rows_fwd, _stack_rows_bwd)
 
 
 def _runs(infos: Sequence[BlockInfo]) -> list[list[int]]:
