@@ -177,11 +177,11 @@ class ResNet(nn.Module):
         # at an index XLA cannot see: with constant indices every gate's kernels would differ
         # in a slice offset, and XLA would compile them once per gate instead of once.
         index = jax.lax.optimization_barrier(tuple(jnp.int32(i) for i in range(len(infos))))
-        decisions, probs = [], []
+        decisions, probs, starts = [], [], []
         scan = self.scan_blocks and not self.is_initializing()
-        runs = _runs(infos) if scan else [[i] for i in range(len(infos))]
-        for run in runs:
+        for run in _runs(infos) if scan else [[i] for i in range(len(infos))]:
             start, n = index[run[0]], len(run)
+            starts.append(start)
             run_limits = jax.lax.dynamic_slice_in_dim(limits, start, n)
             run_noise = None if noise is None else jax.lax.dynamic_slice_in_dim(noise, start, n)
             if n == 1:
@@ -201,7 +201,6 @@ class ResNet(nn.Module):
             probs.append(gate.prob)
         x = jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
-        starts = tuple(index[run[0]] for run in runs)
         return ModelOutput(
             logits.astype(jnp.float32), stack_rows(decisions, starts), stack_rows(probs, starts)
         )
@@ -256,7 +255,7 @@ class ResNet(nn.Module):
         return x, gates
 
 
-def stack_rows(parts: list[jax.Array], starts: tuple[jax.Array, ...]) -> jax.Array:
+def stack_rows(parts: Sequence[jax.Array], starts: Sequence[jax.Array]) -> jax.Array:
     """Concatenate ``parts`` ([n_i, B] each) into [L, B].
 
     ``starts`` holds each part's first row (n_0 + … + n_{i-1}) as int32 scalars. The gradient
