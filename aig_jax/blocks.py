@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aig_jax.batch_norm import BatchNorm
 from aig_jax.gates import GateOutput, GumbelGate
 
 #: He-normal initialisation over fan-out, as the reference initialises its convolutions.
@@ -61,9 +62,9 @@ def conv(
     )
 
 
-def batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:
+def batch_norm(train: bool, name: str, dtype: Any) -> BatchNorm:
     """BatchNorm with PyTorch's defaults (momentum 0.1 in PyTorch's convention, eps 1e-5)."""
-    return nn.BatchNorm(
+    return BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=BN_EPSILON, dtype=dtype, name=name
     )
 
