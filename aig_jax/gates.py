@@ -77,27 +77,21 @@ def straight_through_gumbel(logits: jax.Array, noise: jax.Array, tau: float = 1.
     Returns:
       [..., K] float32 one-hot samples.
     """
+    logits = logits.astype(jnp.float32)
+    perturbed = logits + noise
     if logits.shape[-1] == 2:
-        return _two_ways(_sample_second_way(logits, noise, tau))
-    perturbed = logits.astype(jnp.float32) + noise
-    soft = jax.nn.softmax(perturbed / tau, axis=-1)
-    hard = jax.nn.one_hot(jnp.argmax(perturbed, axis=-1), logits.shape[-1], dtype=jnp.float32)
+        # Two ways, the gates' case: the softmax is a sigmoid of the difference and the argmax
+        # a comparison (ties go to way 0, as argmax's do). Elementwise, XLA fuses them with the
+        # gate's other elementwise work; reductions over an axis of length 2 would each be a
+        # kernel of their own, forward and backward, in every gate.
+        diff = perturbed[..., 1] - perturbed[..., 0]
+        soft = _two_ways(jax.nn.sigmoid(diff / tau))
+        hard = _two_ways((diff > 0).astype(jnp.float32))
+    else:
+        soft = jax.nn.softmax(perturbed / tau, axis=-1)
+        hard = jax.nn.one_hot(jnp.argmax(perturbed, axis=-1), logits.shape[-1], dtype=jnp.float32)
     # hard + (soft - soft) is exactly hard in the forward pass and carries soft's gradient.
     return hard + (soft - jax.lax.stop_gradient(soft))
-
-
-def _sample_second_way(logits: jax.Array, noise: jax.Array, tau: float) -> jax.Array:
-    """The second way's entry [...] of :func:`straight_through_gumbel` for two ways [..., 2].
-
-    The softmax of two ways is the sigmoid of their difference and the argmax a comparison
-    (ties go to way 0, as argmax's do). Elementwise, XLA fuses them with the gate's other
-    elementwise work; reductions over an axis of length 2 would each be a kernel of their
-    own, forward and backward, in every gate.
-    """
-    perturbed = logits.astype(jnp.float32) + noise
-    diff = perturbed[..., 1] - perturbed[..., 0]
-    soft = jax.nn.sigmoid(diff / tau)
-    return (diff > 0).astype(jnp.float32) + (soft - jax.lax.stop_gradient(soft))
 
 
 def _two_ways(second: jax.Array) -> jax.Array:
@@ -146,7 +140,7 @@ def decide(
                 "gate mode 'sample' needs Gumbel noise [B, 2] (the model draws it from its "
                 "'gumbel' rng stream)"
             )
-        decision = _sample_second_way(logits, noise, tau)
+        decision = straight_through_gumbel(logits, noise, tau)[:, 1]
     elif mode == "argmax":
         decision = straight_through_threshold(prob, 0.5)
     elif mode == "calibrated":
