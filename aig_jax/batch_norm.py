@@ -10,7 +10,8 @@ What differs is the training gradient. Differentiating Flax's BatchNorm automati
 about 85 XLA operations per BatchNorm, forward and backward; the BatchNorms were two thirds of
 a gated block's operations, and XLA's compile time grows with the operation count.
 :func:`batch_norm_train` has the textbook gradient (two sums over the batch and one
-elementwise pass), which cut the cold compile of the AIG-ResNet-110 train step by a fifth.
+elementwise pass): the gated AIG-ResNet-110 train step for an H100, compiled ahead of time on
+2 CPU cores, took 40–43 s instead of 55 s.
 """
 
 from __future__ import annotations
