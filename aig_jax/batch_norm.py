@@ -29,20 +29,28 @@ def _axes(x: jax.Array) -> tuple[int, ...]:
     return tuple(range(x.ndim - 1))
 
 
+def _normalise(
+    x: jax.Array, mean: jax.Array, inv: jax.Array, scale: jax.Array, bias: jax.Array
+) -> jax.Array:
+    """``(x − mean) · (inv · scale) + bias`` in float32, in the order of Flax's BatchNorm."""
+    return (x.astype(jnp.float32) - mean) * (inv * scale) + bias
+
+
 def _forward(
     x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple[jax.Array, ...]]:
+    """``batch_norm_train``'s outputs and the residuals its gradient reads."""
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, _axes(x))
     var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), _axes(x)) - jnp.square(mean))
-    return (x32 - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias, mean, var
+    inv = jax.lax.rsqrt(var + epsilon)
+    return (_normalise(x32, mean, inv, scale, bias), mean, var), (x, mean, inv, scale)
 
 
 def _forward_with_residuals(
     x: CustomVJPPrimal, scale: CustomVJPPrimal, bias: CustomVJPPrimal, epsilon: float
 ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple[jax.Array, ...]]:
-    y, mean, var = _forward(x.value, scale.value, bias.value, epsilon)
-    return (y, mean, var), (x.value, mean, jax.lax.rsqrt(var + epsilon), scale.value)
+    return _forward(x.value, scale.value, bias.value, epsilon)
 
 
 def _backward(
@@ -78,7 +86,7 @@ def batch_norm_train(
     ``bias`` are [C] float32. All three outputs are differentiable; the gradient is that of the
     formula with the variance unclipped (it differs only where E[x²] − E[x]² rounds below 0).
     """
-    return _forward(x, scale, bias, epsilon)
+    return _forward(x, scale, bias, epsilon)[0]
 
 
 batch_norm_train.defvjp(_forward_with_residuals, _backward, symbolic_zeros=True)
@@ -111,8 +119,8 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
         dtype = x.dtype if self.dtype is None else self.dtype
         if self.use_running_average:
-            mul = jax.lax.rsqrt(running_var.value + self.epsilon) * scale
-            return ((x - running_mean.value) * mul + bias).astype(dtype)
+            inv = jax.lax.rsqrt(running_var.value + self.epsilon)
+            return _normalise(x, running_mean.value, inv, scale, bias).astype(dtype)
         y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
         if not self.is_initializing():
             keep = self.momentum
