@@ -8,41 +8,52 @@
 The model and the training config come from the checkpoint; ``--config`` replaces the config
 (e.g. to point at the data), and must describe the same model. The report (``report.json``,
 ``report.md``, PNG plots) goes to ``--output`` (default ``report/`` beside ``checkpoints/``).
+Each part of the report is an evaluator of :mod:`aig_jax.eval.evaluators`, composed here.
 """
 
+import os
 import sys
+from typing import Any
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from aig_jax.checkpoint import CheckpointError
 from aig_jax.compilation_cache import DEFAULT_DIR, use_compilation_cache
-from aig_jax.evaluator import EvalOptions, evaluate_checkpoint
-from aig_jax.gates import GATE_MODES
-from aig_jax.skip_inference import make_fast_eval_step
-from aig_jax.steps import make_eval_step
+from aig_jax.eval.evaluators import (
+    Attack,
+    Calibration,
+    Classification,
+    EvalContext,
+    GateStatistics,
+)
+from aig_jax.eval.report import header, write_report
+from aig_jax.eval.restore import restore
+from aig_jax.eval.step import make_eval_step
+from aig_jax.inference.skipping import make_fast_eval_step
+from aig_jax.model.gates import GATE_MODES, check_gate_mode
+from aig_jax.sharding import make_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config (default: the checkpoint's).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoints dir or one step's dir.")
 _OUTPUT = flags.DEFINE_string("output", None, "Report directory (default: <workdir>/report).")
 _BASELINE = flags.DEFINE_string("baseline", None, "Ungated baseline checkpoint to compare.")
-_MODES = flags.DEFINE_list("modes", list(EvalOptions.modes), f"Gate modes, of {GATE_MODES}.")
-_SAMPLES = flags.DEFINE_integer("samples", EvalOptions.samples, "Seeds of 'sample' mode.")
+_MODES = flags.DEFINE_list(
+    "modes", ["argmax", "sample", "open", "calibrated"], f"Gate modes, of {GATE_MODES}."
+)
+_SAMPLES = flags.DEFINE_integer("samples", 5, "Seeds of 'sample' mode.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N examples.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global eval batch (default: the config's).")
-_CALIB = flags.DEFINE_integer(
-    "calibration_limit", EvalOptions.calibration_limit, "Training images to calibrate on."
-)
+_CALIB = flags.DEFINE_integer("calibration_limit", 10_000, "Training images to calibrate on.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of sampled gates and attacks.")
 _ATTACK = flags.DEFINE_bool("attack", False, "Run the FGSM (or BIM) robustness evaluation.")
-_EPSILONS = flags.DEFINE_list(
-    "epsilons", [f"{e:g}" for e in EvalOptions.epsilons], "Attack ε, pixels of the 0–255 image."
-)
+_EPSILONS = flags.DEFINE_list("epsilons", ["1", "2", "4", "8"], "Attack ε, pixels of 0–255.")
 _STEPS = flags.DEFINE_integer("attack_steps", 1, "1: FGSM; more: iterative BIM/PGD.")
 _ATTACK_MODE = flags.DEFINE_string("attack_mode", "argmax", "Gate mode of the attacked model.")
-_JPEG = flags.DEFINE_integer("jpeg_quality", EvalOptions.jpeg_quality, "JPEG defence quality.")
+_JPEG = flags.DEFINE_integer("jpeg_quality", 75, "JPEG defence quality.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
 _CACHE = flags.DEFINE_string(
     "compilation_cache", DEFAULT_DIR, "Directory of compiled programs ('' turns it off)."
@@ -55,6 +66,64 @@ _FAST = flags.DEFINE_bool(
 )
 
 
+def evaluate() -> dict[str, Any]:
+    """Run the evaluators the flags ask for and write the report; returns it."""
+    for mode in (*_MODES.value, _ATTACK_MODE.value):
+        check_gate_mode(mode)
+    if _SAMPLES.value < 1:
+        raise ValueError(f"--samples must be >= 1, got {_SAMPLES.value}")
+    config = _CONFIG.value
+    mesh = make_mesh((config.num_devices or None) if config is not None else None)
+    restored = restore(_WORKDIR.value or _CHECKPOINT.value, mesh, config)
+    variables = restored.variables
+    context = {
+        "batch_size": _BATCH.value,
+        "limit": _LIMIT.value,
+        "seed": _SEED.value,
+        "eval_step_factory": make_fast_eval_step if _FAST.value else make_eval_step,
+    }
+    ctx = EvalContext.create(restored.model, restored.spec, restored.config, mesh, **context)
+    gated = any(restored.spec.gated)
+    modes = tuple(_MODES.value) if gated else ("argmax",)  # without gates all modes agree
+    attack_mode = _ATTACK_MODE.value if gated else "argmax"
+    thresholds, calibration = None, None
+    if "calibrated" in modes or (_ATTACK.value and attack_mode == "calibrated"):
+        calibration = Calibration(ctx, limit=_CALIB.value).run(variables)
+        thresholds = np.asarray(calibration["thresholds"], np.float32)
+    summaries = {
+        mode: Classification(ctx, mode, seeds=_SAMPLES.value, thresholds=thresholds).run(variables)
+        for mode in modes
+    }
+    report = header(ctx, restored.directory, restored.step, summaries[modes[0]]["num_examples"])
+    report.update(modes=summaries, calibration=calibration)
+    base = base_ctx = None
+    if _BASELINE.value:
+        base = restore(_BASELINE.value, mesh)
+        base_ctx = EvalContext.create(base.model, base.spec, restored.config, mesh, **context)
+        report["baseline"] = {
+            "checkpoint": {"directory": base.directory, "step": base.step},
+            "model": base.spec.to_json(),
+            **Classification(base_ctx, "open").run(base.variables),
+        }
+    if _ATTACK.value:
+        attack = {
+            "epsilons": tuple(float(e) for e in _EPSILONS.value),
+            "steps": _STEPS.value,
+            "jpeg_quality": _JPEG.value,
+        }
+        gated_attack = Attack(ctx, attack_mode, thresholds=thresholds, **attack)
+        report["attack"] = {"gated": gated_attack.run(variables)}
+        if base is not None and base_ctx is not None:
+            report["attack"]["baseline"] = Attack(base_ctx, "open", **attack).run(base.variables)
+    output_dir = _OUTPUT.value or os.path.join(os.path.dirname(restored.directory), "report")
+    report["output_dir"] = os.path.abspath(output_dir)
+    analysis = GateStatistics(ctx, modes[0], output_dir, thresholds=thresholds)
+    report["analysis"] = analysis.run(variables)
+    if jax.process_index() == 0:
+        write_report(report, output_dir)
+    return report
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -65,28 +134,8 @@ def main(argv: list[str]) -> None:
     if _MULTIHOST.value:
         jax.distributed.initialize()
     use_compilation_cache(_CACHE.value)
-    options = EvalOptions(
-        modes=tuple(_MODES.value),
-        samples=_SAMPLES.value,
-        limit=_LIMIT.value,
-        batch_size=_BATCH.value,
-        calibration_limit=_CALIB.value,
-        seed=_SEED.value,
-        attack=_ATTACK.value,
-        epsilons=tuple(float(e) for e in _EPSILONS.value),
-        attack_steps=_STEPS.value,
-        attack_mode=_ATTACK_MODE.value,
-        jpeg_quality=_JPEG.value,
-    )
     try:
-        report = evaluate_checkpoint(
-            _WORKDIR.value or _CHECKPOINT.value,
-            _OUTPUT.value,
-            config=_CONFIG.value,
-            baseline=_BASELINE.value,
-            options=options,
-            eval_step_factory=make_fast_eval_step if _FAST.value else make_eval_step,
-        )
+        report = evaluate()
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     rows = dict(report["modes"])
@@ -102,14 +151,11 @@ def main(argv: list[str]) -> None:
             f"{s['images_per_sec']:.0f} images/s"
         )
     for who, result in report.get("attack", {}).items():
-        if isinstance(result, dict):
-            pairs = zip(
-                result["epsilons"], result["accuracy"], result["accuracy_jpeg"], strict=True
-            )
-            print(f"[attack {who}] ε: accuracy / with JPEG: " + ", ".join(
-                f"{e:g}: {a:.1f}/{j:.1f}" for e, a, j in pairs
-            ))  # fmt: skip
-    print(f"report: {report.get('output_dir', '')}")
+        pairs = zip(result["epsilons"], result["accuracy"], result["accuracy_jpeg"], strict=True)
+        print(f"[attack {who}] ε: accuracy / with JPEG: " + ", ".join(
+            f"{e:g}: {a:.1f}/{j:.1f}" for e, a, j in pairs
+        ))  # fmt: skip
+    print(f"report: {report['output_dir']}")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,20 @@ import configparser
 import importlib.metadata
 import os
 
-from aig_jax.flops import model_cost
-from aig_jax.gates import GATES, GumbelGate, straight_through_gumbel
-from aig_jax.losses import target_rate_loss
-from aig_jax.models import MODELS, ModelOutput, ResNet, build_model
-from aig_jax.schedules import SCHEDULES, target_rates
+from aig_jax.model import (
+    GATES,
+    MODELS,
+    SCHEDULES,
+    GumbelGate,
+    ModelOutput,
+    ModelSpec,
+    ResNet,
+    build_model,
+    model_cost,
+    target_rates,
+)
+from aig_jax.model.gates import straight_through_gumbel
+from aig_jax.train.losses import target_rate_loss
 
 
 def _version() -> str:
@@ -30,6 +39,7 @@ __all__ = [
     "SCHEDULES",
     "GumbelGate",
     "ModelOutput",
+    "ModelSpec",
     "ResNet",
     "build_model",
     "model_cost",

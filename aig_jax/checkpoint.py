@@ -2,7 +2,7 @@
 
 Layout of ``<workdir>/checkpoints/<step>/``: ``model`` (``params`` and ``batch_stats``),
 ``opt`` (``opt_state``; absent in converted checkpoints) and ``meta`` (JSON: the
-:class:`~aig_jax.model_spec.ModelSpec`, the config, the epoch). Orbax writes each step to a
+:class:`~aig_jax.model.spec.ModelSpec`, the config, the epoch). Orbax writes each step to a
 temporary directory and renames it when complete, so an interrupted save never replaces the
 last good checkpoint. Restores go into abstract arrays that carry the *current* shardings, so
 a checkpoint saved on 8 devices restores onto 1 (and vice versa).
@@ -24,6 +24,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model."""
 
 
+def _manager(
+    directory: str,
+    *,
+    max_to_keep: int | None = None,
+    async_save: bool = False,
+    create: bool = False,
+) -> ocp.CheckpointManager:
+    """The one way this package opens a checkpoint directory."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=create
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_names=(MODEL, OPT, META)
+    )
+
+
 def _abstract(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings, when the leaves have them) of a pytree of arrays."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
@@ -43,13 +59,8 @@ class Checkpointer:
         async_save: bool = True,
     ) -> None:
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            create=True,
-        )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(MODEL, OPT, META)
+        self._manager = _manager(
+            self.directory, max_to_keep=max_to_keep, async_save=async_save, create=True
         )
 
     def latest_step(self) -> int | None:
@@ -156,34 +167,35 @@ def resolve(path: str) -> tuple[str, int | None]:
     return path, None
 
 
+def _restore_items(directory: str, step: int | None, **items: Any) -> tuple[dict, int]:
+    """Restore the named items (``meta=ocp.args.JsonRestore()``, …) of the checkpoint at
+    ``step`` (default: the latest) in ``directory``; returns them and the step."""
+    manager = _manager(directory)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {directory}")
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as err:  # Orbax raises many types for unreadable files
+            raise _unreadable(directory, step, sorted(manager.all_steps()), err) from err
+    finally:
+        manager.close()
+    return dict(restored), step
+
+
 def read_meta(path: str) -> tuple[dict[str, Any], str, int]:
     """(meta, checkpoint directory, step) of the checkpoint at ``path`` (see :func:`resolve`)."""
     directory, step = resolve(path)
-    manager = ocp.CheckpointManager(directory, item_names=(MODEL, OPT, META))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no checkpoint in {directory}")
-    try:
-        meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-    except Exception as err:
-        raise _unreadable(directory, step, sorted(manager.all_steps()), err) from err
-    finally:
-        manager.close()
-    return dict(meta[META]), directory, step
+    restored, step = _restore_items(directory, step, **{META: ocp.args.JsonRestore()})
+    return dict(restored[META]), directory, step
 
 
 def load_variables(directory: str, step: int, variables_like: Any) -> dict[str, Any]:
-    """Restore only the model variables ({"params", "batch_stats"}) at ``step``."""
-    manager = ocp.CheckpointManager(directory, item_names=(MODEL, OPT, META))
-    try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(**{MODEL: ocp.args.StandardRestore(_abstract(variables_like))}),
-        )
-    except Exception as err:
-        raise _unreadable(directory, step, sorted(manager.all_steps()), err) from err
-    finally:
-        manager.close()
+    """Restore only the model variables ({"params", "batch_stats"}) at ``step``, with the
+    shapes, dtypes and shardings of ``variables_like``."""
+    item = ocp.args.StandardRestore(_abstract(variables_like))
+    restored, _ = _restore_items(directory, step, **{MODEL: item})
     return dict(restored[MODEL])
 
 
@@ -195,11 +207,7 @@ def save_variables(
     Used by converters: ``eval.py --checkpoint DIRECTORY`` evaluates it directly, and training
     can start from it.
     """
-    manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
-        item_names=(MODEL, OPT, META),
-    )
+    manager = _manager(directory, create=True)
     manager.save(
         step,
         args=ocp.args.Composite(

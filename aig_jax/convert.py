@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from aig_jax.checkpoint import CheckpointError, load_variables, read_meta, save_variables
-from aig_jax.convert_torch import (
+from aig_jax.interop.pytorch import (
     Converted,
     Naming,
     convert_reference_state_dict,
@@ -35,10 +35,10 @@ from aig_jax.convert_torch import (
     save_torch_state_dict,
     to_reference_state_dict,
 )
-from aig_jax.model_spec import ModelSpec
-from aig_jax.models import DEFAULT_NUM_CLASSES, ResNet, num_blocks
-from aig_jax.schedules import target_rates
-from aig_jax.train_state import abstract_variables
+from aig_jax.model.resnet import DEFAULT_NUM_CLASSES, ResNet, num_blocks
+from aig_jax.model.schedules import target_rates
+from aig_jax.model.spec import ModelSpec
+from aig_jax.model.variables import abstract_variables
 
 
 def default_target_rate(name: str) -> float:
@@ -94,7 +94,9 @@ def to_orbax(
     spec = ModelSpec(name=model, num_classes=num_classes, rates=rates)
     net = spec.build()
     if not isinstance(net, ResNet):
-        raise ValueError(f"model {model!r} is not an aig_jax.models.ResNet; it cannot be converted")
+        raise ValueError(
+            f"model {model!r} is not an aig_jax.model.resnet.ResNet; it cannot be converted"
+        )
     if naming == "reference":
         converted = convert_reference_state_dict(state_dict, net)
     else:
@@ -116,7 +118,7 @@ def to_torch(src: str, dst: str) -> tuple[ModelSpec, tuple[str, ...]]:
     spec = ModelSpec.from_json(meta["model"])
     net = spec.build()
     if not isinstance(net, ResNet):
-        raise ValueError(f"model {spec.name!r} is not an aig_jax.models.ResNet")
+        raise ValueError(f"model {spec.name!r} is not an aig_jax.model.resnet.ResNet")
     variables = load_variables(directory, step, abstract_variables(net))
     save_torch_state_dict(dst, to_reference_state_dict(variables, net))
     return spec, tuple(info.name for info in net.block_infos() if not info.gated)

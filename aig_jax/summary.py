@@ -15,9 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from aig_jax.flops import ModelCost, model_cost
-from aig_jax.models import DEFAULT_NUM_CLASSES, MODELS, build_model, num_blocks
-from aig_jax.schedules import gated_flags, target_rates
+from aig_jax.model.flops import ModelCost, model_cost
+from aig_jax.model.resnet import DEFAULT_NUM_CLASSES, MODELS, build_model, num_blocks
+from aig_jax.model.schedules import gated_flags, target_rates
 
 
 def summarize(

@@ -5,7 +5,7 @@ Usage (from the repository root)::
 
     pip install "jax-cuda12-plugin[with-cuda]==0.10.2"   # the installed jaxlib's version
     python bench/aot_compile.py                          # H100, AIG-ResNet-50 and -110, batch 256
-    python bench/aot_compile.py --models resnet110_cifar --variants gated ungated --repeats 3
+    python bench/aot_compile.py --models resnet110_cifar --variants gated --repeats 3
     python bench/aot_compile.py --models resnet50 --profile    # where each compile's time goes
     python bench/aot_compile.py --target cpu --tiny      # this host's CPU; no plugin needed
 
@@ -21,11 +21,11 @@ iteration) and, for a GPU target, how the executable launches them (:mod:`launch
 thunk sequence XLA dumps during each variant's first compile): the CUDA graphs into which XLA
 records runs of kernels, each one call from the host; the launches outside graphs (cuDNN
 convolutions, library calls, loop control), one call each; and the kernels inside the graphs.
-When a step is bound by launches rather than arithmetic — the CIFAR models on a GPU — the
-host's calls and the graphs' kernels are what its time follows. For a GPU target it also
-counts the kernels XLA generated code for ("compiled"): identical fusions share one kernel, so
-this is where per-block differences in the code show up as compile time. It prints a table and
-writes ``bench/results/aot-<target>-<dtype>.json``.
+When a step is bound by launches rather than arithmetic, the host's calls and the graphs'
+kernels are what its time follows. For a GPU target it also counts the kernels XLA generated
+code for ("compiled"): identical fusions share one kernel, so this is where per-block
+differences in the code show up as compile time. It prints a table and writes
+``bench/results/aot-<target>-<dtype>.json``.
 """
 
 from __future__ import annotations
@@ -44,17 +44,11 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 from launches import compiled_kernels, dumped_launches, kernel_launches
-from model_bench import (
-    VARIANT_NAMES,
-    VARIANTS,
-    abstract_train_step,
-    compile_timed,
-    threefry_kernel_lowering,
-)
+from model_bench import VARIANT_NAMES, VARIANTS, abstract_train_step, compile_timed
 from table import aligned, fmt, phase_list
 
 from aig_jax.compilation_cache import enable_compilation_cache
-from aig_jax.models import build_model
+from aig_jax.model.resnet import build_model
 from bench import SIZES, select_models
 
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
@@ -98,11 +92,11 @@ def compile_variant(
     The ``first`` compile of a variant for a GPU target also has XLA dump the program into a
     temporary folder, from which its CUDA graphs and other launches per step are read (see
     :mod:`launches`); with ``profile`` it also lists the compiler's costliest phases."""
-    _, gated, scan, threefry_kernel = next(v for v in VARIANTS if v[0] == tag)
-    model = build_model(name, num_classes=10, gated=gated, dtype=dtype, scan_blocks=scan)
+    gated = dict(VARIANTS)[tag]
+    model = build_model(name, num_classes=10, gated=gated, dtype=dtype)
     # XLA:CPU writes no thunk sequence: only a GPU target's first compile is dumped.
     dumped = first and mesh.devices.flat[0].platform != "cpu"
-    with tempfile.TemporaryDirectory() as dump, threefry_kernel_lowering(threefry_kernel):
+    with tempfile.TemporaryDirectory() as dump:
         step, args = abstract_train_step(model, size, batch, mesh)
         options = {"xla_dump_to": dump} if dumped else None
         compiled, info = compile_timed(step, *args, profile=profile, compiler_options=options)
@@ -132,14 +126,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--variants",
         nargs="+",
         choices=VARIANT_NAMES,
-        default=["gated", "gated_threefry_kernel", "ungated"],
+        default=list(VARIANT_NAMES),
     )
     parser.add_argument(
         "--repeats",
         type=int,
         default=1,
-        help="compile each variant this many times, the variants in turn (compile times on a "
-        "busy or small host vary by tens of percent); the table gives the median",
+        help="compile each variant this many times, the variants in turn (compile times vary "
+        "from run to run, more so on a busy or small host); the table gives the median",
     )
     parser.add_argument(
         "--profile", action="store_true", help="trace the first compile's phases of each variant"

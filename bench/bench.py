@@ -2,20 +2,21 @@
 
 Usage (from the repository root)::
 
-    python bench/bench.py --small            # CPU-sized, about 20 minutes on 2 cores
+    python bench/bench.py --small            # CPU-sized models and batches
     python bench/bench.py                    # AIG-ResNet-50 224² and AIG-ResNet-110 32², batch 256
     python bench/bench.py --dtype bfloat16 --cache-dir /tmp/jax-cache
 
 One run measures, on whatever backend JAX finds: train-step and inference images/s of each gated
-model (its blocks unrolled, scanned with ``scan_blocks``, and on GPUs with threefry kernels) and
-of the ungated model of the same architecture; trace and compile time; peak device memory (where
-the backend reports it) and the compiled step's memory; the skipping inference path against the
-masked one (batch 1 with ``lax.cond`` at an execution rate of 0.5, and at batch scale); a cold
-and a warm compile through JAX's persistent compilation cache; the training loop of ``train.py``
-against the bare train step; and the host input pipeline's images/s (``--sections`` picks some,
-``--models`` some models). It prints a table and writes JSON to ``bench/results/<device>.json``.
-Gates are untrained: the execution rates come from "calibrated" thresholds (-1 executes a block
-for every image, 2 skips it; per-block medians of p(execute) split a batch in halves).
+model and of the ungated model of the same architecture (``--variants`` picks which); trace and
+compile time; peak device memory (where the backend reports it) and the compiled step's memory;
+the skipping inference paths (:mod:`aig_jax.inference.skipping`) against the masked one (batch 1
+with ``lax.cond`` at execution rates of 0.5 and 1; the whole batch with the path ``choose_path``
+picks, and on accelerators the Pallas kernel too); a cold and a warm compile through JAX's
+persistent compilation cache; the training loop of ``train.py`` against the bare train step; and
+the host input pipeline's images/s (``--sections`` picks some, ``--models`` some models). It
+prints a table and writes JSON to ``bench/results/<device>.json``. Gates are untrained: the
+execution rates come from "calibrated" thresholds (-1 executes a block for every image, 2 skips
+it; per-block medians of p(execute) split a batch in halves).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 from input_bench import bench_loop, bench_pipeline
-from model_bench import VARIANT_NAMES, bench_compile_cache, bench_model, default_variants
+from model_bench import VARIANT_NAMES, bench_compile_cache, bench_model
 from table import table
 
 from aig_jax.compilation_cache import enable_compilation_cache
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_const",
         dest="size",
         const="tiny",
-        help="seconds-long run that only checks the script",
+        help="the smallest setting, which only checks that the script runs",
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument(
@@ -141,8 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         nargs="+",
         choices=VARIANT_NAMES,
         default=None,
-        help="model variants measured in the models section (default: all; on CPU all but "
-        "gated_threefry_kernel, which there equals gated)",
+        help="model variants measured in the models section (default: both)",
     )
     parser.add_argument(
         "--no-skipping",
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 batch,
                 args.dtype,
                 setting["iters"],
-                tuple(args.variants or default_variants(jax.default_backend())),
+                tuple(args.variants or VARIANT_NAMES),
                 skipping=not args.no_skipping,
                 profile=args.profile,
                 progress=progress,

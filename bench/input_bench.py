@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image
 
 from aig_jax.data import make_source, train_iterator
-from aig_jax.metrics_writer import read_metrics
-from aig_jax.trainer import train_and_evaluate
+from aig_jax.train.loop import train_and_evaluate
+from aig_jax.train.metrics import read_metrics
 from configs import default
 
 

@@ -8,10 +8,9 @@ block for every image, 2 skips it; per-block medians of p(execute) split a batch
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,43 +19,20 @@ import numpy as np
 import optax
 from profiling import profile_compile, profile_step
 
-from aig_jax.models import build_model
+from aig_jax.eval.step import make_eval_step
+from aig_jax.inference.skipping import choose_path, make_fast_eval_step
+from aig_jax.model.resnet import build_model
 from aig_jax.sharding import batch_sharded, make_mesh, replicated, shard_batch
-from aig_jax.skip_inference import choose_path, make_fast_eval_step
-from aig_jax.steps import make_eval_step, make_train_step
-from aig_jax.train_state import create_train_state
+from aig_jax.train.state import create_train_state
+from aig_jax.train.step import make_train_step
 
-#: (result key, gated, scan_blocks, threefry kernel) of each measured variant of a model. The
-#: last one sets ``jax_threefry_gpu_kernel_lowering``: on GPUs each threefry hash (two per gate:
-#: the gate's key and its noise) becomes one library kernel instead of a few hundred HLO
-#: instructions; the CPU lowers threefry as a loop either way.
-VARIANTS = (
-    ("gated", True, False, False),
-    ("ungated", False, False, False),
-    ("gated_scan", True, True, False),
-    ("gated_threefry_kernel", True, False, True),
-)
+#: (result key, gated) of each measured variant of a model: the gated model and the ungated
+#: one of the same architecture.
+VARIANTS = (("gated", True), ("ungated", False))
 VARIANT_NAMES = tuple(v[0] for v in VARIANTS)
 
 #: Calibrated thresholds on p(execute) that execute, and skip, a block for every image.
 ALWAYS, NEVER = -1.0, 2.0
-
-
-def default_variants(backend: str) -> tuple[str, ...]:
-    """The variants measured unless asked otherwise: all but the threefry kernel on CPU, where
-    it would repeat the gated model."""
-    return tuple(t for t in VARIANT_NAMES if backend != "cpu" or t != "gated_threefry_kernel")
-
-
-@contextlib.contextmanager
-def threefry_kernel_lowering(enabled: bool) -> Iterator[None]:
-    """``jax_threefry_gpu_kernel_lowering`` set to ``enabled`` within the block."""
-    before = jax.config.jax_threefry_gpu_kernel_lowering
-    jax.config.update("jax_threefry_gpu_kernel_lowering", enabled)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_threefry_gpu_kernel_lowering", before)
 
 
 def _error_text(err: Exception) -> str:
@@ -132,17 +108,16 @@ def bench_model(
 ) -> dict[str, Any]:
     """Train and inference images/s, compile time and memory of the ``variants`` (see
     :data:`VARIANTS`); the skipping paths of the gated model if ``skipping``; with ``profile``,
-    where each train step's time and its compile time go (:mod:`profiling`). A failure of the
-    threefry-kernel variant is recorded as its result rather than raised. ``progress`` is
+    where each train step's time and its compile time go (:mod:`profiling`). ``progress`` is
     called with the result so far after each variant's train and inference figures and once
     complete, so that a run stopped midway keeps what it measured."""
     mesh = make_mesh()
     result: dict[str, Any] = {"model": name, "image_size": size, "batch": batch, "dtype": dtype}
     data = _batch(size, batch, 10, mesh)
-    for tag, gated, scan, threefry_kernel in VARIANTS:
+    for tag, gated in VARIANTS:
         if tag not in variants:
             continue
-        model = build_model(name, num_classes=10, gated=gated, dtype=dtype, scan_blocks=scan)
+        model = build_model(name, num_classes=10, gated=gated, dtype=dtype)
 
         def say(text: str, tag: str = tag) -> None:
             print(f"{name} {tag}: {text}", file=sys.stderr, flush=True)
@@ -152,14 +127,7 @@ def bench_model(
             say(_summary(figures))
             progress(result)
 
-        try:
-            with threefry_kernel_lowering(threefry_kernel):
-                variables = _bench_variant(model, data, iters, mesh, profile, say, measured)
-        except Exception as err:  # e.g. a JAX without the kernel: a result to report
-            if not threefry_kernel:
-                raise
-            result[tag] = {"error": _error_text(err)}
-            continue
+        variables = _bench_variant(model, data, iters, mesh, profile, say, measured)
         if tag == "gated" and skipping:
             result["gated"]["skipping"] = bench_skipping(model, variables, data, iters, mesh)
     result["ratios"] = _ratios(result)
@@ -185,8 +153,8 @@ def _bench_variant(
     measured: Callable[[dict[str, Any]], None],
 ) -> Any:
     """Measure one variant of :func:`bench_model` and return its variables after the timed
-    train steps. ``say`` is told which step starts compiling (compiles take
-    minutes on large models), and ``measured`` receives the figures after the train step's
+    train steps. ``say`` is told which step starts compiling (a large model's compile is
+    long), and ``measured`` receives the figures after the train step's
     and again after the inference step's."""
     batch, size = data["image"].shape[:2]
     key = jax.random.key(0)
@@ -233,23 +201,14 @@ def _summary(figures: dict[str, Any]) -> str:
 
 
 def _ratios(result: dict[str, Any]) -> dict[str, float]:
-    """Gated over ungated, scanned over unrolled and threefry kernel over gated, for the
-    variants measured (and not failed)."""
-    ratios = {}
-    g, u, s, k = (
-        result.get(tag) if "error" not in result.get(tag, {}) else None
-        for tag in ("gated", "ungated", "gated_scan", "gated_threefry_kernel")
-    )
-    if g and u:
-        ratios["train_gated_over_ungated"] = g["train_images_per_s"] / u["train_images_per_s"]
-        ratios["infer_gated_over_ungated"] = g["infer_images_per_s"] / u["infer_images_per_s"]
-    for label, other in (("scan_over_unrolled", s), ("threefry_kernel_over_gated", k)):
-        if g and other:
-            ratios[f"train_{label}"] = other["train_images_per_s"] / g["train_images_per_s"]
-            ratios[f"compile_{label}"] = (
-                other["train_compile"]["compile_s"] / g["train_compile"]["compile_s"]
-            )
-    return ratios
+    """Gated over ungated train and inference images/s, when both variants were measured."""
+    g, u = result.get("gated"), result.get("ungated")
+    if not (g and u):
+        return {}
+    return {
+        "train_gated_over_ungated": g["train_images_per_s"] / u["train_images_per_s"],
+        "infer_gated_over_ungated": g["infer_images_per_s"] / u["infer_images_per_s"],
+    }
 
 
 def bench_skipping(

@@ -38,7 +38,7 @@ def table(results: dict[str, Any]) -> str:
     cache and input pipeline."""
     rows = [("model", "variant", "train img/s", "infer img/s", "compile s", "peak MiB")]
     for r in results.get("models", []):
-        for tag in (t for t in VARIANT_NAMES if t in r and "error" not in r[t]):
+        for tag in (t for t in VARIANT_NAMES if t in r):
             m = r[tag]
             peak = m["peak_device_bytes"]
             rows.append(
@@ -59,17 +59,6 @@ def table(results: dict[str, Any]) -> str:
                 f"{r['model']}: gated/ungated train {fmt(ratios['train_gated_over_ungated'])}, "
                 f"infer {fmt(ratios['infer_gated_over_ungated'])}"
             )
-        for key, label in (
-            ("scan_over_unrolled", "scanned/unrolled blocks"),
-            ("threefry_kernel_over_gated", "threefry kernel/gated"),
-        ):
-            if f"train_{key}" in ratios:
-                lines.append(
-                    f"{r['model']}: {label} train {fmt(ratios[f'train_{key}'])}, compile time "
-                    f"{fmt(ratios[f'compile_{key}'])}"
-                )
-        for tag in (t for t in VARIANT_NAMES if "error" in r.get(t, {})):
-            lines.append(f"  {tag} failed: {r[tag]['error']}")
         for tag in (t for t in VARIANT_NAMES if "train_kernels" in r.get(t, {})):
             k = r[tag]["train_kernels"]
             step_ms = 1e3 * r["batch"] / r[tag]["train_images_per_s"]

@@ -21,8 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.gate = "gumbel"
     c.gate_options = ml_collections.ConfigDict()  # e.g. {"tau": 1.0}: Gumbel temperature
     c.dtype = "float32"  # or "bfloat16" compute (parameters stay float32)
-    c.scan_blocks = False  # lax.scan over identical blocks: faster compile (see README)
-    c.target_schedule = "uniform"  # a name from aig_jax.schedules.SCHEDULES
+    c.target_schedule = "uniform"  # a name from aig_jax.model.schedules.SCHEDULES
     c.target_rate = 0.7  # t of the schedule
     c.target_rates = config_dict.placeholder(tuple)  # explicit per-block rates win if set
     c.target_weight = 2.0  # λ of the target-rate loss

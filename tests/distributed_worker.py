@@ -43,7 +43,7 @@ def main() -> None:
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
 
-    from aig_jax.trainer import train_and_evaluate
+    from aig_jax.train.loop import train_and_evaluate
     from tests.test_distributed import distributed_config
 
     try:

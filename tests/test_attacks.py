@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aig_jax import attacks
 from aig_jax.data import eval_iterator, make_source
 from aig_jax.data.sources import ArraySource
-from aig_jax.evaluation import predict
-from aig_jax.evaluator import restore
+from aig_jax.eval import attacks
+from aig_jax.eval.predict import predict
+from aig_jax.eval.restore import restore
+from aig_jax.eval.step import make_eval_step
 from aig_jax.sharding import make_mesh, shard_batch
-from aig_jax.steps import make_eval_step
 from tests.tiny_checkpoint import trained_tiny
 
 

@@ -31,7 +31,7 @@ def _run_bench(*args):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,  # a hang guard only: the run's time depends on the host's load
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -45,20 +45,16 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
     assert results["backend"] == "cpu" and results["jax_version"] and results["device"]
     (model,) = results["models"]
     assert model["model"] == "resnet8_cifar"
-    assert "gated_threefry_kernel" not in model  # on CPU it would repeat the gated model
-    for tag in ("gated", "ungated", "gated_scan"):
+    assert {k for k, v in model.items() if isinstance(v, dict)} == {"gated", "ungated", "ratios"}
+    for tag in ("gated", "ungated"):
         m = model[tag]
         assert _positive(m["train_images_per_s"]) and _positive(m["infer_images_per_s"])
         assert _positive(m["train_compile"]["compile_s"])
         assert m["train_compile"]["compiled_bytes"] > 0
         assert "phases" not in m["train_compile"]  # compiles are traced with --profile only
         assert m["peak_device_bytes"] is None  # the CPU backend reports no memory statistics
-    assert set(model["ratios"]) == {
-        "train_gated_over_ungated",
-        "infer_gated_over_ungated",
-        "train_scan_over_unrolled",
-        "compile_scan_over_unrolled",
-    }
+    assert set(model["ratios"]) == {"train_gated_over_ungated", "infer_gated_over_ungated"}
+    assert all(_positive(r) for r in model["ratios"].values())
     skipping = model["gated"]["skipping"]
     # 3 blocks: execute, skip, execute
     assert skipping["batch1_rate_0.5"]["rate"] == pytest.approx(2 / 3)
@@ -116,7 +112,7 @@ def test_variants_and_profile_measure_only_the_asked_variants(tmp_path):
     results = json.loads(out.read_text())
     assert results["xla_flags"] == ""
     (model,) = results["models"]
-    assert "ungated" not in model and "gated_scan" not in model
+    assert "ungated" not in model
     assert model["ratios"] == {}
     gated = model["gated"]
     assert "skipping" not in gated
@@ -129,22 +125,37 @@ def test_variants_and_profile_measure_only_the_asked_variants(tmp_path):
     assert "gated train compile" in proc.stdout
 
 
-def test_a_failed_threefry_kernel_variant_is_recorded_and_other_failures_raise(monkeypatch):
+def test_variants_are_the_gated_and_the_ungated_model():
+    assert model_bench.VARIANT_NAMES == ("gated", "ungated")
+    with pytest.raises(SystemExit):  # --variants takes only these
+        bench.main(["--tiny", "--variants", "gated", "other"])
+
+
+def test_a_failed_variant_raises(monkeypatch):
     def variant(model, data, iters, mesh, profile, say, measured):
-        if jax.config.jax_threefry_gpu_kernel_lowering:
-            raise RuntimeError("no cu_threefry2x32_ffi")
         raise ValueError("broken")
 
     monkeypatch.setattr(model_bench, "_bench_variant", variant)
-    kernel = ("gated_threefry_kernel",)
-    result = model_bench.bench_model("resnet8_cifar", 16, 8, "float32", 1, kernel)
-    assert result["gated_threefry_kernel"] == {"error": "RuntimeError: no cu_threefry2x32_ffi"}
-    assert result["ratios"] == {}
-    assert not jax.config.jax_threefry_gpu_kernel_lowering  # restored after the variant
-    text = table.table({"models": [result]})
-    assert "gated_threefry_kernel failed: RuntimeError: no cu_threefry2x32_ffi" in text
+    monkeypatch.setattr(model_bench, "_batch", lambda *args: {})  # no real step runs
     with pytest.raises(ValueError, match="broken"):
         model_bench.bench_model("resnet8_cifar", 16, 8, "float32", 1, ("gated",))
+
+
+def test_the_table_lists_each_variant_and_the_ratios():
+    figures = {
+        "train_images_per_s": 100.0,
+        "infer_images_per_s": 300.0,
+        "train_compile": {"trace_s": 0.5, "compile_s": 4.5},
+        "peak_device_bytes": None,
+    }
+    result = {"model": "resnet8_cifar", "image_size": 16, "batch": 8, "gated": figures}
+    result["ungated"] = {**figures, "train_images_per_s": 200.0}
+    result["ratios"] = model_bench._ratios(result)
+    assert result["ratios"] == {"train_gated_over_ungated": 0.5, "infer_gated_over_ungated": 1.0}
+    lines = table.table({"models": [result]}).splitlines()
+    assert lines[0].split()[:2] == ["model", "variant"]
+    assert [line.split()[3] for line in lines[1:3]] == ["gated", "ungated"]
+    assert lines[3] == "resnet8_cifar: gated/ungated train 0.5, infer 1"
 
 
 @pytest.fixture

@@ -1,9 +1,16 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aig_jax.blocks import BasicBlock, Bottleneck
+from aig_jax.model.blocks import BasicBlock, BatchNorm, Bottleneck, Conv
+
+
+def _block(cls, features, train=False, **kwargs):
+    norm = functools.partial(BatchNorm, use_running_average=not train)
+    return cls(features, conv=Conv, norm=norm, **kwargs)
 
 
 def _set_gate_bias(variables, execute: bool):
@@ -32,7 +39,7 @@ CASES = [
 @pytest.mark.parametrize(("cls", "features", "strides", "cin"), CASES)
 def test_gate_zero_passes_shortcut_and_gate_one_equals_plain_block(cls, features, strides, cin):
     x = jax.random.normal(jax.random.key(0), (3, 8, 8, cin))
-    gated = cls(features, strides=strides, gated=True)
+    gated = _block(cls, features, strides=strides, gated=True)
     v = gated.init(
         {"params": jax.random.key(1), "gumbel": jax.random.key(2)},
         x,
@@ -59,7 +66,7 @@ def test_gate_zero_passes_shortcut_and_gate_one_equals_plain_block(cls, features
 
     opened, gate = gated.apply(_set_gate_bias(v, True), x, train=False, gate_mode="argmax")
     np.testing.assert_array_equal(gate.decision, 1.0)
-    plain = cls(features, strides=strides, gated=False)
+    plain = _block(cls, features, strides=strides, gated=False)
     expected, plain_gate = plain.apply(_without_gate(v), x, train=False, gate_mode="argmax")
     np.testing.assert_array_equal(opened, expected)
     np.testing.assert_array_equal(plain_gate.decision, 1.0)
@@ -68,7 +75,7 @@ def test_gate_zero_passes_shortcut_and_gate_one_equals_plain_block(cls, features
 
 def test_masked_residual_decides_per_image():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
-    block = BasicBlock(8, gated=True)
+    block = _block(BasicBlock, 8, gated=True)
     v = block.init({"params": jax.random.key(1)}, x, train=False, gate_mode="argmax")
     v["params"]["gate"]["fc2"]["kernel"] = jax.random.normal(jax.random.key(4), (16, 2))
     opened, gate = block.apply(v, x, train=False, gate_mode="open")

@@ -17,19 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aig_jax.blocks import BasicBlock, Bottleneck
 from aig_jax.checkpoint import load_variables, read_meta
 from aig_jax.convert import main
-from aig_jax.convert_torch import (
+from aig_jax.interop.pytorch import (
     convert_reference_state_dict,
     convert_torchvision_state_dict,
     load_torch_state_dict,
     save_torch_state_dict,
     to_reference_state_dict,
 )
-from aig_jax.model_spec import ModelSpec
-from aig_jax.models import CIFAR_WIDTHS, IMAGENET_WIDTHS, ResNet, build_model, cifar_resnet
-from aig_jax.train_state import abstract_variables
+from aig_jax.model.blocks import BasicBlock, Bottleneck
+from aig_jax.model.resnet import CIFAR_WIDTHS, IMAGENET_WIDTHS, ResNet, build_model, cifar_resnet
+from aig_jax.model.spec import ModelSpec
+from aig_jax.model.variables import abstract_variables
 
 torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install -e .[torch]")
 F = torch.nn.functional

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from aig_jax.metrics_writer import read_metrics
-from aig_jax.trainer import train_and_evaluate
+from aig_jax.train.loop import train_and_evaluate
+from aig_jax.train.metrics import read_metrics
 from tests.test_train import REPO, assert_trees_close, restore_state, small_config
 
 

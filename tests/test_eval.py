@@ -9,15 +9,16 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from aig_jax import calibration, gate_stats
 from aig_jax.checkpoint import CheckpointError
 from aig_jax.data import eval_iterator, eval_transform, make_source
-from aig_jax.evaluation import Predictions, predict, summarize
-from aig_jax.evaluator import EvalOptions, evaluate_checkpoint, restore
-from aig_jax.flops import model_cost
-from aig_jax.models import build_model
+from aig_jax.eval import calibration, gate_stats
+from aig_jax.eval.evaluators import Classification, EvalContext
+from aig_jax.eval.predict import Predictions, predict, summarize
+from aig_jax.eval.restore import restore
+from aig_jax.eval.step import make_eval_step
+from aig_jax.model.flops import model_cost
+from aig_jax.model.resnet import build_model
 from aig_jax.sharding import make_mesh
-from aig_jax.steps import make_eval_step
 from tests.tiny_checkpoint import save_ungated_copy, trained_tiny, without_gates
 
 
@@ -161,17 +162,11 @@ def test_eval_main_writes_a_full_report(trained, tmp_path, capsys):
     workdir, config = trained
     baseline = tmp_path / "plain"
     save_ungated_copy(restore(workdir, make_mesh()).variables, baseline, config)
-    import eval as eval_main  # the repository's eval.py
-
     out = tmp_path / "report"
-    argv = ["eval.py", f"--workdir={workdir}", f"--output={out}", f"--baseline={baseline}"]
+    argv = [f"--workdir={workdir}", f"--output={out}", f"--baseline={baseline}"]
     argv += ["--samples=2", "--calibration_limit=256", "--attack", "--epsilons=2,8"]
     argv += ["--limit=200"]
-    flags.FLAGS(argv)
-    try:
-        eval_main.main(argv[:1])
-    finally:
-        flags.FLAGS.unparse_flags()
+    _eval_py(argv, "main")
     printed = capsys.readouterr().out
     for row in ("[argmax]", "[sample]", "[open]", "[calibrated]", "[baseline]", "[attack gated]"):
         assert row in printed
@@ -187,7 +182,7 @@ def test_eval_main_writes_a_full_report(trained, tmp_path, capsys):
     assert report["attack"]["gated"]["epsilons"] == [0.0, 2.0, 8.0]
     assert len(report["attack"]["baseline"]["accuracy_jpeg"]) == 3
     assert "| calibrated |" in (out / "report.md").read_text()
-    for name in report["analysis"]["plots"].values():
+    for name in [*report["plots"].values(), *report["analysis"]["plots"].values()]:
         assert _is_png(out / name), name
     assert len(report["analysis"]["class_order"]) == 10
 
@@ -195,15 +190,37 @@ def test_eval_main_writes_a_full_report(trained, tmp_path, capsys):
 def test_clear_errors_for_missing_checkpoints_other_models_and_class_counts(trained, tmp_path):
     workdir, config = trained
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        evaluate_checkpoint(str(tmp_path))
+        _eval_py([f"--checkpoint={tmp_path}"])
     other = config.copy_and_resolve_references()
     other.model = "resnet14_cifar"
     with pytest.raises(CheckpointError, match=r"resnet8_cifar.*resnet14_cifar"):
-        evaluate_checkpoint(workdir, config=other)
+        restore(workdir, make_mesh(), other)
     classes = config.copy_and_resolve_references()
     classes.dataset.num_classes = 7
     with pytest.raises(ValueError, match=r"num_classes = 7.*predicts 10"):
-        evaluate_checkpoint(workdir, config=classes, options=EvalOptions(modes=("argmax",)))
+        restore(workdir, make_mesh(), classes)
     with pytest.raises(ValueError, match="unknown gate mode 'greedy'"):
-        evaluate_checkpoint(workdir, options=EvalOptions(modes=("greedy",)))
+        _eval_py([f"--workdir={workdir}", "--modes=argmax,greedy"])
     assert not os.path.exists(os.path.join(workdir, "report"))
+
+
+def test_calibrated_classification_needs_thresholds(trained):
+    workdir, _ = trained
+    mesh = make_mesh()
+    restored = restore(workdir, mesh)
+    ctx = EvalContext.create(restored.model, restored.spec, restored.config, mesh)
+    with pytest.raises(ValueError, match="'calibrated' needs thresholds"):
+        Classification(ctx, "calibrated")
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        Classification(ctx, "sample", seeds=0)
+
+
+def _eval_py(argv, entry="evaluate"):
+    """Run the repository's eval.py (``evaluate`` or ``main``) with command-line ``argv``."""
+    import eval as eval_py
+
+    flags.FLAGS(["eval.py", *argv])
+    try:
+        return eval_py.evaluate() if entry == "evaluate" else eval_py.main(["eval.py"])
+    finally:
+        flags.FLAGS.unparse_flags()

@@ -20,30 +20,28 @@ import pytest
 
 import aig_jax
 from aig_jax import checkpoint
-from aig_jax.blocks import ConvSpec, ResidualBlock, batch_norm, conv
 from aig_jax.data import SOURCES, make_source, train_iterator
-from aig_jax.flops import model_cost
-from aig_jax.gates import (
-    GATES,
-    GateOutput,
-    check_gate_mode,
-    gumbel_noise,
-    straight_through_threshold,
-)
-from aig_jax.metrics_writer import read_metrics
-from aig_jax.model_spec import ModelSpec
-from aig_jax.models import MODELS, ResNet, build_model
-from aig_jax.schedules import SCHEDULES
-from aig_jax.train_state import init_variables
-from aig_jax.trainer import train_and_evaluate
+from aig_jax.model.blocks import ConvSpec, ModuleDef, ResidualBlock
+from aig_jax.model.flops import model_cost
+from aig_jax.model.gates import GATES, GateOutput, check_gate_mode, straight_through_threshold
+from aig_jax.model.resnet import MODELS, ResNet, build_model
+from aig_jax.model.schedules import SCHEDULES
+from aig_jax.model.spec import ModelSpec
+from aig_jax.model.variables import init_variables
+from aig_jax.train.loop import train_and_evaluate
+from aig_jax.train.metrics import read_metrics
 from configs import tiny
 
 # --- a gate: one sigmoid score, Bernoulli sample with the straight-through estimator ----------
 
 
 class SigmoidGate(nn.Module):
-    """avg-pool → Dense(hidden) → ReLU → Dense(1) → sigmoid; decision ``u < p`` when sampling."""
+    """avg-pool → Dense(hidden) → ReLU → Dense(1) → sigmoid; decision ``u < p`` when sampling.
 
+    It does not normalise, so it ignores the model's ``norm``.
+    """
+
+    norm: ModuleDef | None = None
     hidden: int = 4
 
     def cost(self, in_features: int) -> tuple[int, int]:
@@ -59,7 +57,6 @@ class SigmoidGate(nn.Module):
         train: bool,
         mode: str,
         threshold: jax.Array | float = 0.5,
-        noise: jax.Array | None = None,
     ) -> GateOutput:
         del train
         check_gate_mode(mode)
@@ -68,9 +65,7 @@ class SigmoidGate(nn.Module):
         score = nn.Dense(1, bias_init=nn.initializers.constant(1.0), name="score")(w)[:, 0]
         prob = jax.nn.sigmoid(score)
         if mode == "sample":
-            assert noise is not None  # the model draws it in mode "sample"
-            # The difference of two Gumbels is logistic, and its sigmoid uniform on (0, 1).
-            u = jax.nn.sigmoid(noise[:, 0] - noise[:, 1])
+            u = jax.random.uniform(self.make_rng("gumbel"), prob.shape)
             decision = straight_through_threshold(prob, u)  # 1 with probability p
         elif mode == "open":
             decision = jnp.ones_like(prob)
@@ -97,12 +92,19 @@ class GroupedBottleneck(ResidualBlock):
             *cls.projection_spec(in_features, features, strides),
         )
 
-    def branch(self, x: jax.Array, train: bool) -> jax.Array:
-        bn = functools.partial(batch_norm, train, dtype=self.dtype)
-        y = nn.relu(bn("bn1")(conv(self.features, 1, 1, "conv1", self.dtype)(x)))
-        y = conv(self.features, 3, self.strides, "conv2", self.dtype, groups=self.groups)(y)
-        y = nn.relu(bn("bn2")(y))
-        return bn("bn3")(conv(self.features * self.expansion, 1, 1, "conv3", self.dtype)(y))
+    def branch(self, x: jax.Array) -> jax.Array:
+        y = nn.relu(self.norm(name="bn1")(self.conv(self.features, (1, 1), name="conv1")(x)))
+        y = self.conv(
+            self.features,
+            (3, 3),
+            self.strides,
+            padding=1,
+            feature_group_count=self.groups,
+            name="conv2",
+        )(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.conv(self.features * self.expansion, (1, 1), name="conv3")(y)
+        return self.norm(name="bn3")(y)
 
 
 # --- a target-rate schedule: from t at the first block up to 1 (ungated) at the last ----------
@@ -207,8 +209,8 @@ def test_custom_gate_decides_by_mode_and_declares_its_cost():
     for bias, expected in ((50.0, 1.0), (-50.0, 0.0)):
         params = variables["params"]
         forced = {"params": {**params, "score": {**params["score"], "bias": jnp.array([bias])}}}
-        noise = gumbel_noise(jax.random.key(2), (6, 2))
-        sample = gate.apply(forced, x, train=True, mode="sample", noise=noise)
+        rngs = {"gumbel": jax.random.key(2)}
+        sample = gate.apply(forced, x, train=True, mode="sample", rngs=rngs)
         np.testing.assert_array_equal(sample.decision, [expected] * 6)
     with pytest.raises(ValueError, match="'soft'"):
         apply(mode="soft")

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aig_jax.flops import model_cost
-from aig_jax.models import build_model
+from aig_jax.model.flops import model_cost
+from aig_jax.model.resnet import build_model
 from aig_jax.summary import main as summary_main
 
 

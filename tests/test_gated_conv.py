@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aig_jax.kernels.gated_conv import gated_conv, tile_sizes
+from aig_jax.inference.gated_conv import gated_conv, tile_sizes
 
 
-def _reference(x, kernel, scale, bias, gate, stride, relu):
+def _reference(x, kernel, gate, stride):
     pad = kernel.shape[0] // 2
     y = jax.lax.conv_general_dilated(
         x.astype(jnp.float32),
@@ -17,33 +17,29 @@ def _reference(x, kernel, scale, bias, gate, stride, relu):
         ((pad, pad), (pad, pad)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
-    y = y * scale + bias
-    y = jnp.maximum(y, 0) if relu else y
     return y * gate[:, None, None, None]
 
 
 @pytest.mark.parametrize(
-    ("k", "stride", "relu", "size", "pow2_tiles"),
+    ("k", "stride", "size", "pow2_tiles"),
     [
-        (3, 1, True, 8, False),
-        (3, 2, False, 8, False),
-        (1, 1, False, 6, True),  # 6×6 outputs computed on 8×8 tiles (the GPU layout), cropped
-        (3, 2, True, 7, False),
-        (3, 1, False, 5, True),
+        (3, 1, 8, False),
+        (3, 2, 8, False),
+        (1, 1, 6, True),  # 6×6 outputs computed on 8×8 tiles (the GPU layout), cropped
+        (3, 2, 7, False),
+        (3, 1, 5, True),
     ],
 )
-def test_gated_conv_equals_the_gated_xla_convolution(k, stride, relu, size, pow2_tiles):
-    keys = jax.random.split(jax.random.key(k * 10 + stride), 4)
+def test_gated_conv_equals_the_gated_xla_convolution(k, stride, size, pow2_tiles):
+    keys = jax.random.split(jax.random.key(k * 10 + stride), 2)
     x = jax.random.normal(keys[0], (3, size, size, 4))
     kernel = jax.random.normal(keys[1], (k, k, 4, 5))
-    scale = jax.random.uniform(keys[2], (5,), minval=0.5, maxval=1.5)
-    bias = jax.random.normal(keys[3], (5,))
     gate = jnp.array([1.0, 0.0, 1.0])
-    got = gated_conv(x, kernel, scale, bias, gate, stride=stride, relu=relu, pow2_tiles=pow2_tiles)
-    expected = _reference(x, kernel, scale, bias, gate, stride, relu)
+    got = gated_conv(x, kernel, gate, stride=stride, pow2_tiles=pow2_tiles)
+    expected = _reference(x, kernel, gate, stride)
     assert got.shape == expected.shape == (3, -(-size // stride), -(-size // stride), 5)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    assert not np.asarray(got[1]).any()  # skipped: zeros, not the bias
+    assert not np.asarray(got[1]).any()  # skipped: zeros
 
 
 @pytest.mark.parametrize(
@@ -58,16 +54,12 @@ def test_gated_conv_equals_the_gated_xla_convolution(k, stride, relu, size, pow2
     ],
 )
 def test_row_and_channel_tiles_equal_the_gated_xla_convolution(k, stride, size, pow2_tiles, tiles):
-    keys = jax.random.split(jax.random.key(size), 4)
+    keys = jax.random.split(jax.random.key(size), 2)
     x = jax.random.normal(keys[0], (3, size, size, 8))
     kernel = jax.random.normal(keys[1], (k, k, 8, 8))
-    scale = jax.random.uniform(keys[2], (8,), minval=0.5, maxval=1.5)
-    bias = jax.random.normal(keys[3], (8,))
     gate = jnp.array([0.0, 1.0, 1.0])
-    got = gated_conv(
-        x, kernel, scale, bias, gate, stride=stride, relu=True, pow2_tiles=pow2_tiles, **tiles
-    )
-    expected = _reference(x, kernel, scale, bias, gate, stride, True)
+    got = gated_conv(x, kernel, gate, stride=stride, pow2_tiles=pow2_tiles, **tiles)
+    expected = _reference(x, kernel, gate, stride)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
     assert not np.asarray(got[0]).any()
@@ -84,21 +76,21 @@ def test_gated_conv_keeps_bfloat16_activations():
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)).astype(jnp.bfloat16)
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
     gate = jnp.array([0.0, 1.0])
-    got = gated_conv(x, kernel, jnp.ones(8), jnp.zeros(8), gate)
+    got = gated_conv(x, kernel, gate)
     assert got.dtype == jnp.bfloat16
-    expected = _reference(x, kernel.astype(jnp.bfloat16), 1.0, jnp.zeros(8), gate, 1, False)
+    expected = _reference(x, kernel.astype(jnp.bfloat16), gate, 1)
     np.testing.assert_allclose(got.astype(np.float32), expected, rtol=2e-2, atol=5e-2)
 
 
 def test_gated_conv_errors_name_the_bad_shape():
     x = jnp.zeros((2, 4, 4, 3))
     with pytest.raises(ValueError, match=r"\(2, 2, 3, 4\)"):
-        gated_conv(x, jnp.zeros((2, 2, 3, 4)), jnp.ones(4), jnp.zeros(4), jnp.ones(2))
+        gated_conv(x, jnp.zeros((2, 2, 3, 4)), jnp.ones(2))
     with pytest.raises(ValueError, match="5 input channels"):
-        gated_conv(x, jnp.zeros((3, 3, 5, 4)), jnp.ones(4), jnp.zeros(4), jnp.ones(2))
+        gated_conv(x, jnp.zeros((3, 3, 5, 4)), jnp.ones(2))
     with pytest.raises(ValueError, match=r"\(2,\), got \(3,\)"):
-        gated_conv(x, jnp.zeros((3, 3, 3, 4)), jnp.ones(4), jnp.zeros(4), jnp.ones(3))
+        gated_conv(x, jnp.zeros((3, 3, 3, 4)), jnp.ones(3))
     with pytest.raises(ValueError, match="cout_block = 3 must be a positive divisor of 4"):
-        gated_conv(x, jnp.zeros((3, 3, 3, 4)), jnp.ones(4), jnp.zeros(4), jnp.ones(2), cout_block=3)
+        gated_conv(x, jnp.zeros((3, 3, 3, 4)), jnp.ones(2), cout_block=3)
     with pytest.raises(ValueError, match="rows = 0"):
-        gated_conv(x, jnp.zeros((3, 3, 3, 4)), jnp.ones(4), jnp.zeros(4), jnp.ones(2), rows=0)
+        gated_conv(x, jnp.zeros((3, 3, 3, 4)), jnp.ones(2), rows=0)

@@ -1,10 +1,14 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aig_jax.gates import (
+from aig_jax.model.blocks import BatchNorm
+from aig_jax.model.gates import (
     GumbelGate,
+    decide,
     gumbel_noise,
     straight_through_gumbel,
     straight_through_threshold,
@@ -64,25 +68,23 @@ def test_threshold_decision_is_hard_with_prob_gradient():
     np.testing.assert_array_equal(g, jnp.arange(4.0))
 
 
+def _gate(train):
+    return GumbelGate(norm=functools.partial(BatchNorm, use_running_average=not train))
+
+
 def _init_gate(x, rngs):
-    gate = GumbelGate()
-    variables = gate.init(rngs, x, train=True, mode="argmax")
-    return gate, variables
-
-
-def _noise(key, x):
-    return gumbel_noise(key, (x.shape[0], 2))
+    return _gate(True).init(rngs, x, train=True, mode="argmax")
 
 
 def test_initial_open_rate_is_about_87_percent(rngs):
     x = jax.random.normal(jax.random.key(4), (4096, 4, 4, 8))
-    gate, variables = _init_gate(x, rngs)
-    out, _ = gate.apply(
+    variables = _init_gate(x, rngs)
+    out, _ = _gate(True).apply(
         variables,
         x,
         train=True,
         mode="sample",
-        noise=_noise(jax.random.key(9), x),
+        rngs={"gumbel": jax.random.key(9)},
         mutable=["batch_stats"],
     )
     expected = float(jax.nn.sigmoid(1.9))  # fc2 bias (0.1, 2.0), near-zero weights
@@ -93,14 +95,13 @@ def test_initial_open_rate_is_about_87_percent(rngs):
 
 def test_modes(rngs):
     x = jax.random.normal(jax.random.key(4), (64, 4, 4, 8))
-    gate, variables = _init_gate(x, rngs)
+    variables = _init_gate(x, rngs)
     params = jax.tree.map(lambda a: a, variables)
     # Make p(execute) depend on the input so that the thresholds matter.
     params["params"]["fc2"]["kernel"] = jax.random.normal(jax.random.key(1), (16, 2))
+    gate = _gate(False)
     outs = {
-        m: gate.apply(
-            params, x, train=False, mode=m, threshold=0.8, noise=_noise(rngs["gumbel"], x)
-        )
+        m: gate.apply(params, x, train=False, mode=m, threshold=0.8, rngs=rngs)
         for m in ("argmax", "open", "calibrated", "sample")
     }
     prob = np.asarray(outs["argmax"].prob)
@@ -109,30 +110,38 @@ def test_modes(rngs):
     np.testing.assert_array_equal(outs["calibrated"].decision, (prob > 0.8).astype(np.float32))
     np.testing.assert_array_equal(outs["open"].decision, 1.0)
     assert set(np.unique(outs["sample"].decision).tolist()) <= {0.0, 1.0}
-    # argmax is deterministic; sampling is not (with other noise).
-    again = gate.apply(params, x, train=False, mode="sample", noise=_noise(jax.random.key(99), x))
+    # argmax is deterministic; sampling is not (with another key).
+    again = gate.apply(params, x, train=False, mode="sample", rngs={"gumbel": jax.random.key(99)})
     assert not np.array_equal(again.decision, outs["sample"].decision)
-    # The sample is the argmax of logits + noise, exactly: p(execute) > 0.5 decides when the
-    # noise is equal for both ways, and a large noise on one way forces it.
-    tie = gate.apply(params, x, train=False, mode="sample", noise=jnp.zeros((64, 2)))
-    np.testing.assert_array_equal(tie.decision, outs["argmax"].decision)
+
+
+def test_a_sample_is_the_argmax_of_logits_plus_noise():
+    logits = jax.random.normal(jax.random.key(1), (64, 2))
+    prob = np.asarray(jax.nn.softmax(logits)[:, 1])
+    argmax = decide(logits, "argmax", tau=1.0, threshold=0.5)
+    np.testing.assert_allclose(argmax.prob, prob, rtol=1e-6)
+    # Equal noise for both ways: p(execute) > 0.5 decides; a large noise on one way forces it.
+    tie = decide(logits, "sample", tau=1.0, threshold=0.5, noise=jnp.zeros((64, 2)))
+    np.testing.assert_array_equal(tie.decision, argmax.decision)
     for way in (0, 1):
         forced = jnp.zeros((64, 2)).at[:, way].set(100.0)
-        out = gate.apply(params, x, train=False, mode="sample", noise=forced)
+        out = decide(logits, "sample", tau=1.0, threshold=0.5, noise=forced)
         np.testing.assert_array_equal(out.decision, float(way))
 
 
 def test_gate_stays_float32_under_bf16(rngs):
     x = jax.random.normal(jax.random.key(4), (8, 4, 4, 8)).astype(jnp.bfloat16)
-    gate, variables = _init_gate(x, rngs)
-    out = gate.apply(variables, x, train=False, mode="argmax")
+    variables = _init_gate(x, rngs)
+    out = _gate(False).apply(variables, x, train=False, mode="argmax")
     assert out.decision.dtype == jnp.float32 and out.prob.dtype == jnp.float32
 
 
-def test_unknown_mode_and_missing_rng(rngs):
+def test_unknown_mode_and_missing_noise(rngs):
     x = jnp.ones((2, 4, 4, 8))
-    gate, variables = _init_gate(x, rngs)
+    variables = _init_gate(x, rngs)
     with pytest.raises(ValueError, match="unknown gate mode 'stochastic'"):
-        gate.apply(variables, x, train=False, mode="stochastic")
-    with pytest.raises(ValueError, match=r"gate mode 'sample' needs Gumbel noise \[B, 2\]"):
-        gate.apply(variables, x, train=False, mode="sample")
+        _gate(False).apply(variables, x, train=False, mode="stochastic")
+    with pytest.raises(ValueError, match=r"gate mode 'sample' needs Gumbel noise"):
+        decide(jnp.zeros((2, 2)), "sample", tau=1.0, threshold=0.5)
+    with pytest.raises(Exception, match="gumbel"):  # Flax: no "gumbel" rng was given
+        _gate(False).apply(variables, x, train=False, mode="sample")

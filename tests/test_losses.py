@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aig_jax.losses import cross_entropy, target_rate_loss, total_loss
-from aig_jax.schedules import SCHEDULES, gated_flags, target_rates
+from aig_jax.model.schedules import SCHEDULES, gated_flags, target_rates
+from aig_jax.train.losses import cross_entropy, target_rate_loss, total_loss
 
 
 def test_target_rate_loss_hand_computed():

@@ -1,13 +1,12 @@
+import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aig_jax.blocks import Bottleneck
-from aig_jax.losses import total_loss
-from aig_jax.models import MODELS, ResNet, build_model, num_blocks, stack_rows
-from aig_jax.schedules import gated_flags, target_rates
+from aig_jax.model.blocks import BatchNorm
+from aig_jax.model.resnet import MODELS, build_model, num_blocks
+from aig_jax.model.schedules import gated_flags, target_rates
 
 RNGS = {"params": jax.random.key(0), "gumbel": jax.random.key(1)}
 
@@ -110,78 +109,8 @@ def test_bad_inputs_raise_clear_errors():
         MODELS.get("resnet8_cifar").func(9)
 
 
-def _max_diff(a, b):
-    return max(jax.tree.leaves(jax.tree.map(lambda p, q: float(jnp.max(jnp.abs(p - q))), a, b)))
-
-
-def _small_bottleneck_resnet(**kwargs):
-    # Bottleneck blocks, with gated and ungated blocks interleaved inside a stage.
-    gated = (True, False, True, True, False, True, True, False, False)  # stages of 4 and 5
-    return ResNet(
-        stage_sizes=(4, 5),
-        block_cls=Bottleneck,
-        widths=(4, 8),
-        stem="imagenet",
-        num_classes=5,
-        gated=gated,
-        **kwargs,
-    )
-
-
-@pytest.mark.parametrize(
-    ("make", "size"),
-    [
-        (lambda **kw: build_model("resnet14_cifar", num_classes=5, **kw), 16),
-        (_small_bottleneck_resnet, 32),
-    ],
-    ids=["cifar", "bottleneck"],
-)
-def test_scanned_blocks_equal_the_unrolled_model(make, size):
-    model, scanned = make(), make(scan_blocks=True)
-    x = jax.random.normal(jax.random.key(2), (4, size, size, 3))
-    variables, scanned_init = (
-        jax.jit(lambda net=net: net.init(RNGS, x, train=True))() for net in (model, scanned)
-    )
-    # Same initial variables: scanning does not change the parameter layout.
-    assert _max_diff(variables, scanned_init) == 0
-    # Blocks alternately execute (threshold 0) and skip (2): each scanned step must use its own.
-    n = len(model.block_infos())
-    thresholds = jnp.asarray([0.0, 2.0] * (n // 2) + [0.0] * (n % 2))
-
-    def infer(v, net):
-        return net.apply(v, x, gate_mode="calibrated", thresholds=thresholds)
-
-    a, b = (jax.jit(infer, static_argnums=1)(variables, net) for net in (model, scanned))
-    np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
-    np.testing.assert_array_equal(a.gates, b.gates)
-    assert 0 < float(jnp.mean(a.gates)) < 1
-    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
-
-    def loss(params, net):
-        out, updates = net.apply(
-            {**variables, "params": params},
-            x,
-            train=True,
-            gate_mode="calibrated",
-            thresholds=thresholds,
-            mutable=["batch_stats"],
-        )
-        return jnp.sum(out.logits**2), (out.gates, updates["batch_stats"])
-
-    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
-    (la, (gates_a, stats_a)), ga = grad(variables["params"], model)
-    (lb, (gates_b, stats_b)), gb = grad(variables["params"], scanned)
-    np.testing.assert_allclose(la, lb, rtol=1e-5)
-    np.testing.assert_array_equal(gates_a, gates_b)
-    # Every block's running statistics come back to its own subtree, updated.
-    assert jax.tree.structure(stats_a) == jax.tree.structure(stats_b)
-    assert _max_diff(stats_a, stats_b) < 1e-4
-    assert _max_diff(stats_a, variables["batch_stats"]) > 1e-3
-    assert _max_diff(ga, gb) < 1e-4 * max(1.0, float(la))
-
-
-def test_scanned_sampled_gates_equal_the_unrolled_model_and_follow_the_key():
-    model, scanned = (build_model("resnet14_cifar", scan_blocks=s) for s in (False, True))
+def test_each_gate_draws_its_own_noise_from_the_gumbel_stream():
+    model = build_model("resnet14_cifar")
     x = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))
     variables = model.init(RNGS, x, train=True)
     # p(execute) = 1/2 in every gate: each decision is the noise's alone.
@@ -190,69 +119,72 @@ def test_scanned_sampled_gates_equal_the_unrolled_model_and_follow_the_key():
         variables["params"],
     )
 
-    def sample(net, key):
-        out, _ = net.apply(variables, x, train=True, rngs={"gumbel": key}, mutable=["batch_stats"])
-        return out
-
-    first = sample(scanned, jax.random.key(5))
-    unrolled = sample(model, jax.random.key(5))
-    # One draw of noise for all gates: block i gets slice i, scanned or not.
-    np.testing.assert_array_equal(first.gates, unrolled.gates)
-    np.testing.assert_allclose(first.logits, unrolled.logits, atol=1e-5)
-    assert first.gates.shape == (6, 8) and 0 < float(jnp.mean(first.gates)) < 1
-    np.testing.assert_array_equal(first.gates, sample(scanned, jax.random.key(5)).gates)
-    assert not np.array_equal(first.gates, sample(scanned, jax.random.key(6)).gates)
-
-
-def _eqns(jaxpr):
-    """Every equation of ``jaxpr`` and of the jaxprs nested in its equations."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else [value]:
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    yield from _eqns(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from _eqns(sub)
-
-
-@pytest.mark.parametrize("scan", [False, True])
-def test_gates_index_their_layer_rows_at_indices_unknown_to_the_compiler(scan):
-    # A row of the stacked [L, ...] noise, thresholds or gate gradients read at a constant
-    # index makes each gate's fused kernels differ by that offset: XLA then compiles them once
-    # per gate (AIG-ResNet-110 for an H100: 443 kernels instead of 209).
-    model = build_model("resnet14_cifar", scan_blocks=scan)
-    blocks = model.num_blocks  # 6: no other axis of the arrays below has that length
-    x = jnp.zeros((3, 8, 8, 3))
-    variables = model.init(RNGS, x, train=True)
-
-    def loss(params):
+    def sample(key):
         out, _ = model.apply(
-            {**variables, "params": params}, x, train=True, rngs=RNGS, mutable=["batch_stats"]
+            variables, x, train=True, rngs={"gumbel": key}, mutable=["batch_stats"]
         )
-        return total_loss(
-            out.logits, jnp.zeros(3, jnp.int32), out.gates, jnp.full(blocks, 0.5), target_weight=1
-        )[0]
+        return np.asarray(out.gates)
 
-    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr
-    per_layer = [
-        e
-        for e in _eqns(jaxpr)
-        if e.invars and getattr(e.invars[0].aval, "shape", ())[:1] == (blocks,)
+    first = sample(jax.random.key(5))
+    assert first.shape == (6, 8) and 0 < first.mean() < 1
+    np.testing.assert_array_equal(first, sample(jax.random.key(5)))  # deterministic per key
+    assert not np.array_equal(first, sample(jax.random.key(6)))
+    # Gates draw independently: no two blocks decide alike on all 8 images.
+    assert len({row.tobytes() for row in first}) == 6
+
+
+def test_norm_partial_reaches_every_block_and_gate():
+    # A fork's normalisation: BatchNorm whose scales start at 0.5 and that counts its calls.
+    calls = []
+
+    def counting_norm(*args, **kwargs):
+        calls.append(kwargs["name"])
+        return BatchNorm(*args, scale_init=nn.initializers.constant(0.5), **kwargs)
+
+    model = build_model("resnet8_cifar").clone(norm=counting_norm)
+    variables = model.init(RNGS, jnp.zeros((2, 8, 8, 3)))
+    scales = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+        if jax.tree_util.keystr(path).endswith("['scale']")
     ]
-    static = [e.primitive.name for e in per_layer if e.primitive.name in ("slice", "split")]
-    assert not static, f"layer rows sliced at constant offsets: {static}"
-    reads = [e for e in per_layer if e.primitive.name == "dynamic_slice"]
-    assert len(reads) >= 3 * (2 if scan else blocks)  # noise, thresholds and gradients
-    assert not any(isinstance(e.invars[1], jax.extend.core.Literal) for e in reads)
+    # stem + 3 blocks × 2 + 2 projections + 3 gates
+    assert len(scales) == 1 + 6 + 2 + 3 and all(np.all(np.asarray(s) == 0.5) for s in scales)
+    assert calls.count("fc1bn") == 3 and calls.count("shortcut_bn") == 2
+    # Training statistics are the norm's: the running averages move, evaluation reads them.
+    x = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
+    _, updates = model.apply(variables, x, train=True, rngs=RNGS, mutable=["batch_stats"])
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))),
+        updates["batch_stats"],
+        variables["batch_stats"],
+    )
+    assert min(jax.tree.leaves(moved)) > 0
 
 
-def test_stacked_gate_rows_have_the_gradient_of_their_concatenation():
-    parts = [jax.random.normal(jax.random.key(i), (n, 4)) for i, n in enumerate((1, 3, 2))]
-    weights = jax.random.normal(jax.random.key(9), (6, 4))
-    starts = tuple(jnp.int32(s) for s in (0, 1, 4))
-    stacked = stack_rows(parts, starts)
-    np.testing.assert_array_equal(stacked, jnp.concatenate(parts))
-    grads = jax.grad(lambda p: jnp.sum(weights * stack_rows(p, starts)))(parts)
-    for grad, rows in zip(grads, (weights[:1], weights[1:4], weights[4:]), strict=True):
-        np.testing.assert_array_equal(grad, rows)
+def test_a_group_norm_model_needs_no_running_statistics():
+    def group_norm(*, use_running_average, dtype, name, **kwargs):
+        del use_running_average  # GroupNorm has no running statistics
+        return nn.GroupNorm(num_groups=None, group_size=1, dtype=dtype, name=name, **kwargs)
+
+    model = build_model("resnet8_cifar", num_classes=4).clone(norm=group_norm)
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    variables = model.init(RNGS, x)
+    assert "batch_stats" not in variables
+    out = model.apply(variables, x, train=True, rngs=RNGS)
+    assert out.logits.shape == (2, 4) and np.isfinite(np.asarray(out.logits)).all()
+
+
+def test_bfloat16_compute_keeps_gates_and_logits_in_float32():
+    model = build_model("resnet8_cifar", dtype="bfloat16")
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    variables = model.init(RNGS, x)
+    _, state = model.apply(variables, x, capture_intermediates=True)
+    dtypes = {
+        jax.tree_util.keystr(path): leaf.dtype
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"])
+    }
+    convs = [d for k, d in dtypes.items() if "conv" in k]
+    gates = [d for k, d in dtypes.items() if "'gate'" in k and "fc" in k]
+    assert convs and all(d == jnp.bfloat16 for d in convs)
+    assert gates and all(d == jnp.float32 for d in gates)

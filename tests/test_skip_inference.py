@@ -1,16 +1,18 @@
 """The skipping inference paths give the masked model's outputs, batch 1 and batch > 1."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aig_jax import skip_inference
-from aig_jax.blocks import Bottleneck
-from aig_jax.models import ResNet, build_model
+from aig_jax.eval.step import make_eval_step
+from aig_jax.inference import skipping
+from aig_jax.inference.skipping import BRANCHES, make_fast_eval_step
+from aig_jax.model.blocks import Bottleneck, Conv
+from aig_jax.model.resnet import ResNet, build_model
 from aig_jax.sharding import make_mesh, shard_batch
-from aig_jax.skip_inference import fold_conv_bn, fold_variables, make_fast_eval_step, skip_forward
-from aig_jax.steps import make_eval_step
 
 
 def _cifar():
@@ -78,21 +80,21 @@ SETTINGS = [
 ]
 
 
+def _apply(model, path):
+    def run(v, x, t, mode):
+        return model.apply(v, x, gate_mode=mode, thresholds=t, gated_branch=BRANCHES[path])
+
+    return jax.jit(run, static_argnums=3)
+
+
 @pytest.mark.parametrize(("make", "batch", "mode", "path"), SETTINGS)
-def test_skip_forward_equals_the_masked_model(make, batch, mode, path):
+def test_skipping_branches_equal_the_masked_model(make, batch, mode, path):
     model, size = make()
     variables = _variables(model, size)
     x = jax.random.normal(jax.random.key(batch), (batch, size, size, 3))
     thresholds = _setting(model, variables, x, mode)
-    ref = jax.jit(lambda v, x, t: model.apply(v, x, gate_mode=mode, thresholds=t))(
-        variables, x, thresholds
-    )
-    fast = jax.jit(
-        lambda v, x, t: skip_forward(
-            model, fold_variables(model, v), x, gate_mode=mode, thresholds=t, path=path
-        )
-    )
-    out = fast(variables, x, thresholds)
+    ref = _apply(model, "masked")(variables, x, thresholds, mode)
+    out = _apply(model, path)(variables, x, thresholds, mode)
     np.testing.assert_array_equal(out.gates, ref.gates)
     np.testing.assert_allclose(out.probs, ref.probs, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
@@ -103,13 +105,52 @@ def test_skip_forward_equals_the_masked_model(make, batch, mode, path):
 
 def test_pallas_path_with_row_and_channel_tiles_equals_the_masked_model(monkeypatch):
     # Cut every branch convolution into one-row tiles with half the channels per block.
-    monkeypatch.setattr(skip_inference, "WHOLE_IMAGE_TILE", 0)
+    monkeypatch.setattr(skipping, "WHOLE_IMAGE_TILE", 0)
     monkeypatch.setattr(
-        skip_inference,
+        skipping,
         "tile_sizes",
         lambda h, w, c_in, c_out: {"rows": 1, "cout_block": c_out // 2, "cin_block": c_in // 2},
     )
-    test_skip_forward_equals_the_masked_model(_bottleneck, 4, "calibrated", "pallas")
+    test_skipping_branches_equal_the_masked_model(_bottleneck, 4, "calibrated", "pallas")
+
+
+def _primitives(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name, eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else [value]:
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    yield from _primitives(getattr(inner, "jaxpr", inner))
+
+
+def test_cond_path_puts_each_gated_branch_behind_its_decision():
+    model, size = _cifar()  # 3 gated blocks
+    variables = _variables(model, size)
+    x = jnp.zeros((1, size, size, 3))
+    thresholds = jnp.full((3,), 0.5)
+    jaxpr = jax.make_jaxpr(
+        lambda v: model.apply(v, x, thresholds=thresholds, gated_branch=BRANCHES["cond"])
+    )(variables).jaxpr
+    top = [e.primitive.name for e in jaxpr.eqns]
+    conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+    assert len(conds) == 3
+    # Only the shortcut projections and the stem convolve outside the conds; each cond's
+    # executing branch holds its block's two convolutions, its skipping branch none.
+    assert top.count("conv_general_dilated") == 1 + 2
+    for cond in conds:
+        skip, run = cond.params["branches"]
+        assert [n for n, _ in _primitives(run.jaxpr)].count("conv_general_dilated") == 2
+        assert "conv_general_dilated" not in [n for n, _ in _primitives(skip.jaxpr)]
+
+
+def test_pallas_path_refuses_a_convolution_it_cannot_compute():
+    model, size = _cifar()
+    biased = model.clone(conv=functools.partial(Conv, use_bias=True))
+    variables = _variables(biased, size)
+    x = jnp.zeros((1, size, size, 3))
+    with pytest.raises(ValueError, match=r"Pallas path.*conv1"):
+        biased.apply(variables, x, gated_branch=BRANCHES["pallas"])
 
 
 def _batch(x):
@@ -158,44 +199,16 @@ def test_fast_eval_step_samples_like_the_masked_model():
     np.testing.assert_array_equal(out["loss"], ref["loss"])
 
 
-def test_fold_conv_bn_matches_the_batch_norm_formula():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
-    kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
-    gamma, beta, mean = (rng.normal(size=4).astype(np.float32) for _ in range(3))
-    var = rng.uniform(0.5, 2.0, size=4).astype(np.float32)
-    dn = ("NHWC", "HWIO", "NHWC")
-    conv = np.asarray(jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dn))
-    expected = (conv - mean) / np.sqrt(var + 1e-5) * gamma + beta
-    folded = fold_conv_bn(kernel, {"scale": gamma, "bias": beta}, {"mean": mean, "var": var})
-    np.testing.assert_array_equal(folded["kernel"], kernel)
-    got = conv * folded["scale"] + folded["bias"]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-
-
 def test_errors_name_the_bad_value():
-    model, size = _cifar()
-    variables = _variables(model, size)
-    folded = fold_variables(model, variables)
-    x = jnp.zeros((1, size, size, 3))
-    with pytest.raises(ValueError, match="'sample'"):
-        skip_forward(model, folded, x, gate_mode="sample")
-    with pytest.raises(ValueError, match="'scan'"):
-        skip_forward(model, folded, x, path="scan")
-    with pytest.raises(ValueError, match=r"shape \(3,\), got \(2,\)"):
-        skip_forward(model, folded, x, gate_mode="calibrated", thresholds=jnp.zeros(2))
+    model, _ = _cifar()
     with pytest.raises(ValueError, match="'fast'"):
         make_fast_eval_step(model, make_mesh(1), path="fast")
-    broken = jax.tree.map(lambda a: a, variables)
-    del broken["params"]["stage1_block0"]["bn2"]
-    with pytest.raises(ValueError, match=r"stage1_block0.*\['bn2'\]"):
-        fold_variables(model, broken)
 
 
 def test_auto_path_uses_pallas_only_where_it_was_verified(monkeypatch):
-    assert skip_inference.choose_path(1, 224) == "cond"
-    assert skip_inference.choose_path(64, 32) == "cond"  # CPU: Pallas would only interpret
+    assert skipping.choose_path(1, 224) == "cond"
+    assert skipping.choose_path(64, 32) == "cond"  # CPU: Pallas would only interpret
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert skip_inference.choose_path(64, 32) == "pallas"
-    assert skip_inference.choose_path(64, 224) == "masked"
-    assert skip_inference.choose_path(1, 224) == "cond"
+    assert skipping.choose_path(64, 32) == "pallas"
+    assert skipping.choose_path(64, 224) == "masked"
+    assert skipping.choose_path(1, 224) == "cond"

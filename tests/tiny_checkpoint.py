@@ -6,8 +6,8 @@ import os
 import jax
 
 from aig_jax.checkpoint import save_variables
-from aig_jax.model_spec import ModelSpec
-from aig_jax.trainer import train_and_evaluate
+from aig_jax.model.spec import ModelSpec
+from aig_jax.train.loop import train_and_evaluate
 from configs import tiny
 
 

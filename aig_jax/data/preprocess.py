@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
@@ -26,6 +28,8 @@ from PIL import Image
 from aig_jax.data.sources import Images
 
 PREPROCESSORS = ("cifar", "imagenet", "none")
+#: Pixel values span 0 … PIXEL_MAX (uint8 images).
+PIXEL_MAX = 255.0
 RRC_SCALE = (0.08, 1.0)
 RRC_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 RRC_ATTEMPTS = 10
@@ -136,6 +140,14 @@ def normalise(images: np.ndarray, cfg: Any) -> np.ndarray:
     flat *= np.tile(1 / (255 * std), h * w)
     flat -= np.tile(mean / std, h * w)
     return flat.reshape(n, h, w, 3)
+
+
+def normalise_pixels(pixels: jax.Array, mean: Any, std: Any) -> jax.Array:
+    """:func:`normalise` traced, for the device: pixels [..., 3] in 0–255 (uint8 or float) →
+    float32 [..., 3]; ``mean``/``std`` (3 values each) on the 0–1 scale."""
+    scale = 1.0 / (PIXEL_MAX * jnp.asarray(std, jnp.float32))
+    shift = jnp.asarray(mean, jnp.float32) / jnp.asarray(std, jnp.float32)
+    return pixels.astype(jnp.float32) * scale - shift
 
 
 def _hflip(images: np.ndarray, flip: np.ndarray) -> np.ndarray:

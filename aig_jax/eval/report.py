@@ -1,143 +1,74 @@
-"""The evaluation report: inference-graph analysis, PNG plots, JSON and Markdown.
+"""The evaluation report: a JSON record, a Markdown page and the plots that compare modes.
 
-:func:`analyse` computes the per-class, per-image and difficulty statistics of one gate mode
-and draws every plot; :func:`write_report` writes ``report.json`` and ``report.md`` (tables of
-all gate modes side by side, the baseline and the attack results).
+A report is a dict that ``eval.py`` fills from its evaluators (see
+:mod:`aig_jax.eval.evaluators`): :func:`header` describes the checkpoint, model, data and
+blocks; ``modes`` holds a :class:`~aig_jax.eval.evaluators.Classification` summary per gate
+mode; optional ``calibration``, ``baseline``, ``attack`` and ``analysis`` (a
+:class:`~aig_jax.eval.evaluators.GateStatistics` result). :func:`write_report` writes
+``report.json``, ``report.md`` and the plots across modes.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from aig_jax import gate_stats, plots
-from aig_jax.data import Source, eval_transform
-from aig_jax.evaluation import Predictions
+from aig_jax.eval import plots
+from aig_jax.eval.evaluators import EvalContext
 
 
-def _class_names(config: Any, num_classes: int) -> list[str]:
-    names = config.dataset.get("class_names")
-    return [str(n) for n in names] if names else [str(k) for k in range(num_classes)]
-
-
-def _nan_to_none(values: np.ndarray) -> list[float | None]:
-    return [None if math.isnan(v) else float(v) for v in np.asarray(values, np.float64)]
-
-
-def analyse(
-    report: Mapping[str, Any],
-    preds: Predictions,
-    mode: str,
-    per_image_gmacs: Mapping[str, np.ndarray],
-    source: Source,
-    config: Any,
-    output_dir: str,
-    grid_size: int = 8,
-) -> dict[str, Any]:
-    """Inference-graph statistics of ``preds`` (gate mode ``mode``) and all plots as PNGs.
-
-    ``report`` holds ``blocks``, ``modes`` and optionally ``baseline`` and ``attack`` (see
-    :func:`aig_jax.evaluator.evaluate_checkpoint`); ``per_image_gmacs`` maps each mode to
-    realised GMACs [N]. Images for the grid are read back from ``source`` by index. Returns
-    the ``analysis`` section of the report (plot file names relative to ``output_dir``).
-    """
-    os.makedirs(output_dir, exist_ok=True)
-    blocks = report["blocks"]
-    names = [b["name"] for b in blocks]
-    num_classes = report["model"]["num_classes"]
-    classes = _class_names(config, num_classes)
-    matrix = gate_stats.class_layer_rates(preds.gates, preds.labels, num_classes)
-    order = gate_stats.cluster_order(matrix)
-    most, least = gate_stats.top_classes_per_layer(matrix, k=min(3, num_classes))
-    executed = gate_stats.executed_counts(preds.gates)
-    difficulty = gate_stats.by_executed_count(preds.gates, preds.correct, preds.confidence)
-    files = {
-        "layer_rates": "layer_rates.png",
-        "class_layer": f"class_layer_{mode}.png",
-        "executed_histogram": "executed_histogram.png",
-        "gmacs_histogram": "gmacs_histogram.png",
-        "difficulty": f"difficulty_{mode}.png",
-        "extreme_images": f"fewest_most_blocks_{mode}.png",
+def header(ctx: EvalContext, directory: str, step: int, num_examples: int) -> dict[str, Any]:
+    """The report's description of the checkpoint (``directory``, ``step``), the model, the
+    evaluated data (``num_examples`` images) and each block."""
+    ds = ctx.config.dataset
+    return {
+        "checkpoint": {"directory": directory, "step": step},
+        "model": ctx.spec.to_json(),
+        "dataset": {
+            "source": ds.source,
+            "name": ds.get("name"),
+            "split": ds.eval_split,
+            "num_examples": num_examples,
+            "image_size": ds.image_size,
+        },
+        "blocks": [
+            {
+                "name": b.name,
+                "gated": b.gated,
+                "downsampling": b.downsampling,
+                "branch_gmacs": b.branch_macs / 1e9,
+            }
+            for b in ctx.cost.blocks
+        ],
     }
-    path = {k: os.path.join(output_dir, v) for k, v in files.items()}
+
+
+def _plot_comparisons(report: Mapping[str, Any], output_dir: str) -> dict[str, str]:
+    """Per-block execution rates of every mode (and the baseline), and accuracy against ε
+    when there was an attack; returns the plot files by name."""
+    files = {"layer_rates": "layer_rates.png"}
     rates = {m: s["layer_rates"] for m, s in report["modes"].items()}
     if "baseline" in report:
         rates["baseline"] = report["baseline"]["layer_rates"]
+    blocks = report["blocks"]
     plots.layer_rates_bars(
         rates,
-        path["layer_rates"],
-        block_names=names,
+        os.path.join(output_dir, files["layer_rates"]),
+        block_names=[b["name"] for b in blocks],
         downsampling=[b["downsampling"] for b in blocks],
     )
-    plots.class_layer_heatmap(
-        matrix[order],
-        path["class_layer"],
-        class_names=[classes[k] for k in order],
-        block_names=names,
-        ungated=[not b["gated"] for b in blocks],
-        title=f"execution rate per class and block ({mode} gates; classes clustered)",
-    )
-    plots.histograms(
-        {mode: executed},
-        path["executed_histogram"],
-        bins=[n - 0.5 for n in range(len(blocks) + 2)],
-        xlabel="executed blocks",
-        title="blocks executed per image",
-    )
-    full = report["modes"][mode]["full_gmacs"]
-    plots.histograms(
-        dict(per_image_gmacs),
-        path["gmacs_histogram"],
-        bins=40,
-        xlabel="realised GMACs per image",
-        title="computation per image",
-        reference=("every block", full),
-    )
-    plots.difficulty(
-        executed, preds.confidence, preds.correct, difficulty["accuracy"], path["difficulty"]
-    )
-    rank = np.lexsort((-preds.confidence, executed))  # fewest blocks first, confident first
-    k = min(grid_size, len(rank))
-    picks = {"fewest blocks": rank[:k], "most blocks": rank[::-1][:k]}
-    rows, captions = {}, {}
-    for label, pick in picks.items():
-        images, _ = source.read(preds.index[pick])
-        rows[label] = eval_transform(images, config.dataset, normalised=False)
-        captions[label] = [
-            f"{executed[i]} blk, {classes[preds.labels[i]]}→{classes[preds.top[i, 0]]}"
-            for i in pick
-        ]
-    plots.image_grid(rows, captions, path["extreme_images"], title=f"{mode} gates")
     if "attack" in report:
         curves = {}
         for who, result in report["attack"].items():
-            if isinstance(result, dict):
-                curves[who] = (result["epsilons"], result["accuracy"])
-                curves[f"{who} + JPEG"] = (result["epsilons"], result["accuracy_jpeg"])
+            curves[who] = (result["epsilons"], result["accuracy"])
+            curves[f"{who} + JPEG"] = (result["epsilons"], result["accuracy_jpeg"])
         files["attack"] = "accuracy_vs_epsilon.png"
         plots.accuracy_vs_epsilon(curves, os.path.join(output_dir, files["attack"]))
-    return {
-        "gate_mode": mode,
-        "class_names": classes,
-        "class_order": order.tolist(),
-        "class_layer_rates": [_nan_to_none(row) for row in matrix],
-        "most_used_by": most.tolist(),
-        "least_used_by": least.tolist(),
-        "executed_histogram": gate_stats.executed_histogram(preds.gates).tolist(),
-        "by_executed_blocks": {
-            "count": difficulty["count"].tolist(),
-            "accuracy": _nan_to_none(difficulty["accuracy"]),
-            "confidence": _nan_to_none(difficulty["confidence"]),
-        },
-        "fewest_blocks_examples": preds.index[picks["fewest blocks"]].tolist(),
-        "most_blocks_examples": preds.index[picks["most blocks"]].tolist(),
-        "plots": files,
-    }
+    return files
 
 
 def _pm(summary: Mapping[str, Any], key: str, scale: float = 1.0, spec: str = ".2f") -> str:
@@ -204,7 +135,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     out += _analysis_sections(report)
     if "attack" in report:
         out += _attack_sections(report["attack"], [b["name"] for b in report["blocks"]])
-    plots_ = report.get("analysis", {}).get("plots", {})
+    plots_ = {**report.get("plots", {}), **report.get("analysis", {}).get("plots", {})}
     if plots_:
         out += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots_.items()]
     return "\n".join(out) + "\n"
@@ -252,11 +183,12 @@ def _analysis_sections(report: Mapping[str, Any]) -> list[str]:
 
 
 def _attack_sections(attack: Mapping[str, Any], block_names: list[str]) -> list[str]:
-    kind = "FGSM" if attack["steps"] == 1 else f"BIM/PGD, {attack['steps']} steps"
+    g = attack["gated"]
+    kind = "FGSM" if g["steps"] == 1 else f"BIM/PGD, {g['steps']} steps"
     who = [w for w in ("gated", "baseline") if w in attack]
     out = [
         "",
-        f"## Adversarial robustness ({kind}; JPEG quality {attack['jpeg_quality']})",
+        f"## Adversarial robustness ({kind}; JPEG quality {g['jpeg_quality']})",
         "",
         "| ε (pixels) | " + " | ".join(f"{w} | {w} + JPEG" for w in who) + " |",
         "|---" * (1 + 2 * len(who)) + "|",
@@ -267,7 +199,6 @@ def _attack_sections(attack: Mapping[str, Any], block_names: list[str]) -> list[
             f"{attack[w]['accuracy'][j]:.2f} | {attack[w]['accuracy_jpeg'][j]:.2f}" for w in who
         )
         out.append(f"| {e:g} | {cells} |")
-    g = attack["gated"]
     clean = np.asarray(g["layer_rates"][0])
     out += [
         "",
@@ -285,9 +216,11 @@ def _attack_sections(attack: Mapping[str, Any], block_names: list[str]) -> list[
     return out
 
 
-def write_report(report: Mapping[str, Any], output_dir: str) -> tuple[str, str]:
-    """Write ``report.json`` and ``report.md`` into ``output_dir``; returns their paths."""
+def write_report(report: dict[str, Any], output_dir: str) -> tuple[str, str]:
+    """Draw the plots across modes into ``output_dir`` (their names go to ``report["plots"]``),
+    then write ``report.json`` and ``report.md`` there; returns the two paths."""
     os.makedirs(output_dir, exist_ok=True)
+    report["plots"] = _plot_comparisons(report, output_dir)
     json_path = os.path.join(output_dir, "report.json")
     md_path = os.path.join(output_dir, "report.md")
     with open(json_path, "w") as f:

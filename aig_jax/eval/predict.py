@@ -1,4 +1,4 @@
-"""Evaluation loop: per-example predictions and gate decisions over a whole split.
+"""Per-example predictions and gate decisions over a whole split, and their summary.
 
 :func:`predict` runs the jit-compiled eval step over padded, masked batches, so every example
 is seen exactly once whatever the batch size; :func:`summarize` turns the predictions into the
@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from aig_jax import gate_stats
-from aig_jax.flops import ModelCost
+from aig_jax.eval import gate_stats
+from aig_jax.eval.step import EvalStep
+from aig_jax.model.flops import ModelCost
 from aig_jax.sharding import shard_batch
-from aig_jax.steps import EvalStep
 
 
 @dataclasses.dataclass

@@ -21,6 +21,7 @@ PyTorch is optional (``pip install -e .[torch]``): only :func:`load_torch_state_
 
 from __future__ import annotations
 
+import functools
 import pickle
 from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
@@ -31,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from aig_jax.models import ResNet
-from aig_jax.train_state import abstract_variables
+from aig_jax.model.resnet import ResNet
+from aig_jax.model.variables import abstract_variables
 
 Naming = Literal["reference", "torchvision"]
 Path = tuple[str, ...]  # (collection, module, ..., variable), e.g. ("params", "conv1", "kernel")
@@ -129,7 +130,9 @@ def key_map(model: ResNet, naming: Naming) -> list[Entry]:
 
 def _check_model(model: Any) -> ResNet:
     if not isinstance(model, ResNet):
-        raise ValueError(f"conversion needs an aig_jax.models.ResNet, got {type(model).__name__}")
+        raise ValueError(
+            f"conversion needs an aig_jax.model.resnet.ResNet, got {type(model).__name__}"
+        )
     return model
 
 
@@ -233,7 +236,8 @@ def _fresh_gates(model: ResNet, blocks: set[str], seed: int) -> dict[Path, np.nd
         if info.name in blocks:
             key = jax.random.fold_in(jax.random.key(seed), i)
             x = jnp.zeros((1, 1, 1, info.in_features), jnp.float32)
-            variables = model.gate_cls().init({"params": key}, x, train=False, mode="argmax")
+            gate = model.gate_cls(norm=functools.partial(model.norm, use_running_average=True))
+            variables = gate.init({"params": key}, x, train=False, mode="argmax")
             for path, value in traverse_util.flatten_dict(dict(variables)).items():
                 flat[(path[0], info.name, "gate", *path[1:])] = np.asarray(value)
     return flat

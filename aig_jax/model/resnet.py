@@ -16,8 +16,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aig_jax.blocks import BasicBlock, Bottleneck, ResidualBlock, batch_norm, conv
-from aig_jax.gates import GATES, GateOutput, GumbelGate, check_gate_mode, gumbel_noise
+from aig_jax.model.blocks import (
+    BasicBlock,
+    BatchNorm,
+    Bottleneck,
+    Conv,
+    GatedBranch,
+    ModuleDef,
+    ResidualBlock,
+    masked_branch,
+)
+from aig_jax.model.gates import GATES, GumbelGate, check_gate_mode
 from aig_jax.registry import Registry
 
 CIFAR_WIDTHS = (16, 32, 64)
@@ -65,11 +74,12 @@ class ResNet(nn.Module):
       gated: one flag per block, or one bool for all blocks.
       gate_cls: the gate module class.
       dtype: compute dtype; parameters, gates and logits stay float32.
-      scan_blocks: apply each run of identical blocks (a stage's blocks after its first, with
-        the same gated flag) as one ``lax.scan`` over their stacked variables, so XLA compiles
-        one block body per run instead of one per block. Parameters keep the per-block layout
-        (checkpoints are interchangeable); outputs equal the unrolled model's, sampled gates
-        included.
+      conv: the convolution class, called as ``conv(features, kernel_size, strides,
+        padding=..., name=...)`` with ``dtype`` bound.
+      norm: the normalisation class, called as ``norm(name=...)`` with
+        ``use_running_average`` and ``dtype`` bound (the gates override ``dtype``): e.g.
+        :data:`~aig_jax.model.blocks.BatchNorm` with another ``scale_init``, or a GroupNorm
+        wrapper that ignores ``use_running_average``.
     """
 
     stage_sizes: Sequence[int]
@@ -78,9 +88,10 @@ class ResNet(nn.Module):
     stem: str
     num_classes: int
     gated: bool | tuple[bool, ...] = True
-    gate_cls: Callable[..., nn.Module] = GumbelGate
+    gate_cls: ModuleDef = GumbelGate
     dtype: Any = jnp.float32
-    scan_blocks: bool = False
+    conv: ModuleDef = Conv
+    norm: ModuleDef = BatchNorm
 
     @property
     def num_blocks(self) -> int:
@@ -135,15 +146,18 @@ class ResNet(nn.Module):
         train: bool = False,
         gate_mode: str | None = None,
         thresholds: jax.Array | None = None,
+        gated_branch: GatedBranch = masked_branch,
     ) -> ModelOutput:
         """Classify ``x`` [B, H, W, C] (normalised images).
 
         Args:
-          train: BatchNorm uses batch statistics (and updates ``batch_stats``) when True.
-          gate_mode: "sample" (default when training; draws the Gumbel noise of every gate
-            at once from the ``gumbel`` rng), "argmax" (default otherwise), "open" (every block
-            executes) or "calibrated".
+          train: normalise with batch statistics (and update ``batch_stats``) when True.
+          gate_mode: "sample" (default when training; each gate draws Gumbel noise from the
+            ``gumbel`` rng), "argmax" (default otherwise), "open" (every block executes) or
+            "calibrated".
           thresholds: [L] thresholds on p(execute), required by "calibrated".
+          gated_branch: how gated blocks apply their branch (see
+            :func:`aig_jax.model.blocks.masked_branch`).
 
         Returns:
           ModelOutput(logits [B, num_classes], gates [L, B], probs [L, B]).
@@ -153,153 +167,44 @@ class ResNet(nn.Module):
         mode = gate_mode or ("sample" if train else "argmax")
         check_gate_mode(mode)
         infos = self.block_infos()
-        if mode == "calibrated":
-            if thresholds is None or jnp.shape(thresholds) != (len(infos),):
-                raise ValueError(
-                    f"gate mode 'calibrated' needs thresholds of shape ({len(infos)},), got "
-                    f"{None if thresholds is None else jnp.shape(thresholds)}"
-                )
+        if mode == "calibrated" and (thresholds is None or thresholds.shape != (len(infos),)):
+            shape = None if thresholds is None else thresholds.shape
+            raise ValueError(
+                f"gate mode 'calibrated' needs thresholds of shape ({len(infos)},), got {shape}"
+            )
+        conv = functools.partial(self.conv, dtype=self.dtype)
+        norm = functools.partial(self.norm, use_running_average=not train, dtype=self.dtype)
         x = x.astype(self.dtype)
         if self.stem == "cifar":
-            x = conv(self.widths[0], 3, 1, "conv1", self.dtype)(x)
-            x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
+            x = conv(self.widths[0], (3, 3), padding=1, name="conv1")(x)
         else:
-            x = conv(self.widths[0], 7, 2, "conv1", self.dtype)(x)
-            x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
+            x = conv(self.widths[0], (7, 7), 2, padding=3, name="conv1")(x)
+        x = nn.relu(norm(name="bn1")(x))
+        if self.stem == "imagenet":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        limits = jnp.full((len(infos),), 0.5) if thresholds is None else jnp.asarray(thresholds)
-        # The Gumbel noise of every gate in one draw, [L, B, 2]: drawn gate by gate, each draw
-        # derives its own key and generates its own bits, code that XLA compiles once per gate.
-        noise = None
-        if mode == "sample" and any(info.gated for info in infos):
-            noise = gumbel_noise(self.make_rng("gumbel"), (len(infos), x.shape[0], 2))
-        # Each block reads its noise and threshold, and writes its decision and p(execute),
-        # at an index XLA cannot see: with constant indices every gate's kernels would differ
-        # in a slice offset, and XLA would compile them once per gate instead of once.
-        index = jax.lax.optimization_barrier(tuple(jnp.int32(i) for i in range(len(infos))))
-        decisions, probs, starts = [], [], []
-        scan = self.scan_blocks and not self.is_initializing()
-        for run in _runs(infos) if scan else [[i] for i in range(len(infos))]:
-            start, n = index[run[0]], len(run)
-            starts.append(start)
-            run_limits = jax.lax.dynamic_slice_in_dim(limits, start, n)
-            run_noise = None if noise is None else jax.lax.dynamic_slice_in_dim(noise, start, n)
-            if n == 1:
-                info = infos[run[0]]
-                block = self._block(info, name=info.name)
-                x, gate = block(
-                    x,
-                    train=train,
-                    gate_mode=mode,
-                    threshold=run_limits[0],
-                    noise=None if run_noise is None else run_noise[0],
-                )
-                gate = GateOutput(gate.decision[None], gate.prob[None])
-            else:
-                x, gate = self._scan([infos[i] for i in run], x, train, mode, run_limits, run_noise)
+        decisions, probs = [], []
+        for i, info in enumerate(infos):
+            block = self.block_cls(
+                info.features,
+                conv=conv,
+                norm=norm,
+                strides=info.strides,
+                gated=info.gated,
+                gate_cls=self.gate_cls,
+                name=info.name,
+            )
+            x, gate = block(
+                x,
+                train=train,
+                gate_mode=mode,
+                threshold=0.5 if thresholds is None else thresholds[i],
+                gated_branch=gated_branch,
+            )
             decisions.append(gate.decision)
             probs.append(gate.prob)
         x = jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
-        return ModelOutput(
-            logits.astype(jnp.float32), stack_rows(decisions, starts), stack_rows(probs, starts)
-        )
-
-    def _block(self, info: BlockInfo, name: str | None = None) -> ResidualBlock:
-        return self.block_cls(
-            info.features,
-            strides=info.strides,
-            gated=info.gated,
-            gate_cls=self.gate_cls,
-            dtype=self.dtype,
-            name=name,
-        )
-
-    def _scan(
-        self,
-        run: Sequence[BlockInfo],
-        x: jax.Array,
-        train: bool,
-        mode: str,
-        thresholds: jax.Array,
-        noise: jax.Array | None,
-    ) -> tuple[jax.Array, GateOutput]:
-        """Apply the identical blocks ``run`` in order with one ``lax.scan``.
-
-        Each block's variables are read from its own subtree, stacked along a new leading axis
-        of length n = len(run), and the updated BatchNorm statistics are written back to the
-        same subtrees; block i gets ``thresholds[i]`` and, in mode "sample", the Gumbel noise
-        ``noise[i]`` ([n, B, 2]). ``x`` [B, H, W, C] → (output [B, H, W, C], gates with [n, B]
-        fields).
-        """
-        block = self._block(run[0])  # unbound: applied as a pure function per step
-        names = [info.name for info in run]
-        stacked = {
-            col: jax.tree.map(lambda *a: jnp.stack(a), *[self.variables[col][n] for n in names])
-            for col in ("params", "batch_stats")
-        }
-
-        def body(h: jax.Array, xs: tuple) -> tuple[jax.Array, tuple]:
-            variables, threshold, block_noise = xs
-            kwargs = dict(train=train, gate_mode=mode, threshold=threshold, noise=block_noise)
-            if not train:
-                h, gate = block.apply(variables, h, **kwargs)
-                return h, (gate, variables["batch_stats"])
-            (h, gate), updates = block.apply(variables, h, mutable=["batch_stats"], **kwargs)
-            return h, (gate, updates["batch_stats"])
-
-        x, (gates, stats) = jax.lax.scan(body, x, (stacked, thresholds, noise))
-        if train:
-            for i, name in enumerate(names):
-                self.put_variable("batch_stats", name, jax.tree.map(lambda a, i=i: a[i], stats))
-        return x, gates
-
-
-def stack_rows(parts: Sequence[jax.Array], starts: Sequence[jax.Array]) -> jax.Array:
-    """Concatenate ``parts`` ([n_i, B] each) into [L, B].
-
-    ``starts`` holds each part's first row (n_0 + … + n_{i-1}) as int32 scalars. The gradient
-    reads each part's rows with a dynamic slice at its start, rather than the static slice of
-    the concatenation's own gradient: with the starts hidden from the compiler, as
-    :meth:`ResNet.__call__` passes them, the backward pass of every gate is the same code.
-    """
-    return _stack_rows(tuple(p.shape[0] for p in parts), list(parts), tuple(starts))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stack_rows(sizes: tuple[int, ...], parts: list[jax.Array], starts: tuple) -> jax.Array:
-    del sizes, starts
-    return jnp.concatenate(parts)
-
-
-def _stack_rows_fwd(sizes: tuple[int, ...], parts: list[jax.Array], starts: tuple) -> tuple:
-    return jnp.concatenate(parts), starts
-
-
-def _stack_rows_bwd(sizes: tuple[int, ...], starts: tuple, ct: jax.Array) -> tuple:
-    rows = [jax.lax.dynamic_slice_in_dim(ct, s, n) for s, n in zip(starts, sizes, strict=True)]
-    return rows, None
-
-
-_stack_rows.defvjp(_stack_rows_fwd, _stack_rows_bwd)
-
-
-def _runs(infos: Sequence[BlockInfo]) -> list[list[int]]:
-    """Indices of ``infos`` grouped into runs of consecutive identical blocks.
-
-    Blocks are identical when their class, widths, stride and gated flag agree: then they have
-    the same shapes and variables and can share one compiled body.
-    """
-    runs: list[list[int]] = []
-    previous = None
-    for i, info in enumerate(infos):
-        key = dataclasses.replace(info, name="", stage=0, index=0)
-        if key == previous:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-        previous = key
-    return runs
+        return ModelOutput(logits.astype(jnp.float32), jnp.stack(decisions), jnp.stack(probs))
 
 
 ModelFactory = Callable[..., nn.Module]
@@ -359,7 +264,6 @@ def build_model(
     gate: str = "gumbel",
     gate_options: Mapping[str, Any] | None = None,
     dtype: str = "float32",
-    scan_blocks: bool = False,
 ) -> nn.Module:
     """Build the registered model ``name``.
 
@@ -367,11 +271,12 @@ def build_model(
       name: a registry name, e.g. "resnet110_cifar" or "resnet50" (see ``MODELS.names()``).
       num_classes: defaults to the model's usual dataset (10 for CIFAR names, 1000 otherwise).
       gated: True/False for every block, or one flag per block (``rates < 1`` of a schedule).
-      gate: a name from :data:`aig_jax.gates.GATES`.
+      gate: a name from :data:`aig_jax.model.gates.GATES`.
       gate_options: keyword arguments of the gate class, e.g. ``{"tau": 1.0}``.
       dtype: "float32" or "bfloat16" compute (parameters stay float32).
-      scan_blocks: apply runs of identical blocks with ``lax.scan`` (see :class:`ResNet`);
-        only for models that have the attribute.
+
+    Other normalisations or convolutions: ``build_model(...).clone(norm=...)`` (see
+    :class:`ResNet`).
     """
     factory = MODELS.get(name)
     if dtype not in DTYPES:
@@ -385,10 +290,6 @@ def build_model(
     if gate_options:
         gate_cls = functools.partial(gate_cls, **gate_options)
     model = factory(num_classes=num_classes, gated=flags, gate_cls=gate_cls, dtype=DTYPES[dtype])
-    if scan_blocks:
-        if not hasattr(model, "scan_blocks"):
-            raise ValueError(f"model {name!r} has no scan_blocks option")
-        model = model.clone(scan_blocks=True)
     model.block_infos()  # validates the gated flags against the depth now, not at first call
     return model
 

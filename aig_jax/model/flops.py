@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aig_jax.blocks import ConvSpec
-from aig_jax.models import ResNet
+from aig_jax.model.blocks import ConvSpec
+from aig_jax.model.resnet import ResNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +138,7 @@ def model_cost(
     """
     if not isinstance(model, ResNet):
         raise TypeError(f"model_cost needs a ResNet (or subclass), got {type(model).__name__}")
-    gate_cost = getattr(model.gate_cls(), "cost", None)
+    gate_cost = getattr(model.gate_cls(norm=model.norm), "cost", None)
     if gate_cost is None:
         raise TypeError(f"gate {model.gate_cls} has no cost(in_features) method")
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)

@@ -5,36 +5,30 @@ maps it through a tiny two-layer network to two logits: "skip" (index 0) and "ex
 (index 1). During training the decision is a hard sample drawn with the Gumbel-max trick, and
 its gradient is the gradient of the relaxed (softmax) sample: the straight-through estimator.
 
-Every gate, including those a fork registers, follows one contract so that the residual blocks
-never need editing::
+Every gate, including those a fork registers, follows one contract, so that the residual
+blocks never need editing::
 
-    gate = GateClass(name="gate")
-    out = gate(x, train=..., mode=..., threshold=..., noise=...)   # x: [B, H, W, C]
+    gate = GateClass(norm=norm, name="gate")
+    out = gate(x, train=..., mode=..., threshold=...)   # x: [B, H, W, C]
     out.decision  # [B] float32, exactly 0.0 or 1.0 (1 = execute the block)
     out.prob      # [B] float32, noise-free p(execute)
-    GateClass().cost(in_features)  # (MACs per image, parameters), for the cost model
+    GateClass(norm=norm).cost(in_features)  # (MACs per image, parameters), for the cost model
 
-In mode "sample", ``noise`` is [B, 2] float32 standard Gumbel noise (:func:`gumbel_noise`),
-else None. The model draws the noise of all its gates at once, from its ``gumbel`` rng stream,
-because a draw inside each gate is code that XLA compiles once per gate (in AIG-ResNet-110,
-over a third of the train step's compile time). A gate that needs other noise can derive
-it (``noise[:, 1] - noise[:, 0]`` is standard logistic) or draw its own with
-``self.make_rng("gumbel")``.
-
-Gate computations run in float32 whatever the model's compute dtype, so bf16 training cannot
-flip decisions through rounding.
+``norm`` is the model's normalisation partial (see :class:`aig_jax.model.resnet.ResNet`); a
+gate that normalises uses it, one that does not ignores it. In mode "sample" the gate draws its
+own noise with ``self.make_rng("gumbel")``. Gate computations run in float32 whatever the
+model's compute dtype, so bf16 training cannot flip decisions through rounding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aig_jax.batch_norm import BatchNorm
 from aig_jax.registry import Registry
 
 GateMode = Literal["sample", "argmax", "open", "calibrated"]
@@ -77,26 +71,11 @@ def straight_through_gumbel(logits: jax.Array, noise: jax.Array, tau: float = 1.
     Returns:
       [..., K] float32 one-hot samples.
     """
-    logits = logits.astype(jnp.float32)
-    perturbed = logits + noise
-    if logits.shape[-1] == 2:
-        # Two ways, the gates' case: the softmax is a sigmoid of the difference and the argmax
-        # a comparison (ties go to way 0, as argmax's do). Elementwise, XLA fuses them with the
-        # gate's other elementwise work; reductions over an axis of length 2 would each be a
-        # kernel of their own, forward and backward, in every gate.
-        diff = perturbed[..., 1] - perturbed[..., 0]
-        soft = _two_ways(jax.nn.sigmoid(diff / tau))
-        hard = _two_ways((diff > 0).astype(jnp.float32))
-    else:
-        soft = jax.nn.softmax(perturbed / tau, axis=-1)
-        hard = jax.nn.one_hot(jnp.argmax(perturbed, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    perturbed = logits.astype(jnp.float32) + noise
+    soft = jax.nn.softmax(perturbed / tau, axis=-1)
+    hard = jax.nn.one_hot(jnp.argmax(perturbed, axis=-1), logits.shape[-1], dtype=jnp.float32)
     # hard + (soft - soft) is exactly hard in the forward pass and carries soft's gradient.
     return hard + (soft - jax.lax.stop_gradient(soft))
-
-
-def _two_ways(second: jax.Array) -> jax.Array:
-    """[..., 2] probabilities of two ways from the second's [...]."""
-    return jnp.stack([1.0 - second, second], axis=-1)
 
 
 def straight_through_threshold(prob: jax.Array, threshold: jax.Array | float) -> jax.Array:
@@ -119,27 +98,24 @@ def decide(
     *,
     tau: float,
     threshold: jax.Array | float,
-    noise: jax.Array | None,
+    noise: jax.Array | None = None,
 ) -> GateOutput:
     """Turn two-way gate logits [B, 2] into a :class:`GateOutput` according to ``mode``.
 
-    ``sample`` draws a hard straight-through Gumbel sample with ``noise`` [B, 2] (required then);
-    ``argmax`` thresholds p(execute) at 0.5; ``calibrated`` thresholds it at ``threshold``;
-    ``open`` executes every image. Deterministic modes pass the gradient of p(execute) straight
-    through, so attacks can differentiate through them.
+    ``sample`` draws a hard straight-through Gumbel sample with the Gumbel ``noise`` [B, 2]
+    (required then); ``argmax`` thresholds p(execute) at 0.5;
+    ``calibrated`` thresholds it at ``threshold``; ``open`` executes every image.
+    Deterministic modes pass the gradient of p(execute) straight through, so attacks can
+    differentiate through them.
     """
     check_gate_mode(mode)
+    logits = logits.astype(jnp.float32)
     # p(execute) = softmax(logits)[1] is the probability that a hard Gumbel sample executes at
     # any temperature (τ only shapes the straight-through gradient).
-    # (As the sigmoid of the difference, elementwise: see straight_through_gumbel.)
-    logits = logits.astype(jnp.float32)
-    prob = jax.nn.sigmoid(logits[:, 1] - logits[:, 0])
+    prob = jax.nn.softmax(logits, axis=-1)[:, 1]
     if mode == "sample":
         if noise is None:
-            raise ValueError(
-                "gate mode 'sample' needs Gumbel noise [B, 2] (the model draws it from its "
-                "'gumbel' rng stream)"
-            )
+            raise ValueError("gate mode 'sample' needs Gumbel noise of shape [B, 2]")
         decision = straight_through_gumbel(logits, noise, tau)[:, 1]
     elif mode == "argmax":
         decision = straight_through_threshold(prob, 0.5)
@@ -150,11 +126,11 @@ def decide(
     return GateOutput(decision, prob)
 
 
-def _fc2_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+def _fc2_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     return 0.001 * jax.random.normal(key, shape, dtype)
 
 
-def _fc2_bias_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+def _fc2_bias_init(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     del key
     if shape != (2,):
         raise ValueError(f"the gate's last layer must have 2 outputs, got bias shape {shape}")
@@ -163,24 +139,22 @@ def _fc2_bias_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> 
 
 
 class GumbelGate(nn.Module):
-    """The ConvNet-AIG gate: avg-pool → Dense(hidden) → BatchNorm → ReLU → Dense(2) → decision.
+    """The ConvNet-AIG gate: avg-pool → Dense(hidden) → norm → ReLU → Dense(2) → decision.
 
     Attributes:
+      norm: the model's normalisation partial; the gate applies it in float32 to [B, hidden].
       hidden: width of the hidden layer (16 in the paper).
       tau: Gumbel-softmax temperature (1 in the paper).
-      bn_momentum: running-average decay of the BatchNorm (Flax convention: 0.9 == PyTorch 0.1).
-      bn_epsilon: BatchNorm epsilon (PyTorch's default 1e-5).
     """
 
+    norm: Callable[..., nn.Module]
     hidden: int = 16
     tau: float = 1.0
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
 
     def cost(self, in_features: int) -> tuple[int, int]:
         """(multiply-accumulates per image, parameters) of a gate on ``in_features`` channels.
 
-        Part of the gate contract: :mod:`aig_jax.flops` asks an unbound gate instance for its
+        Part of the gate contract: :mod:`aig_jax.model.flops` asks an unbound gate for its
         cost. The pooling's additions are not multiply-accumulates and are not counted.
         """
         hidden = self.hidden
@@ -190,26 +164,17 @@ class GumbelGate(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool,
-        mode: str,
-        threshold: jax.Array | float = 0.5,
-        noise: jax.Array | None = None,
+        self, x: jax.Array, *, train: bool, mode: str, threshold: jax.Array | float = 0.5
     ) -> GateOutput:
-        """Decide for each image of ``x`` [B, H, W, C] (with Gumbel ``noise`` [B, 2] in mode
-        "sample"); returns decisions and probs, each [B]."""
+        """Decide for each image of ``x`` [B, H, W, C]; returns decisions and probs, each [B].
+
+        ``train`` is carried by ``norm`` here (batch or running statistics); it is part of the
+        contract for gates whose own layers behave differently in training.
+        """
+        del train
         w = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         w = nn.Dense(self.hidden, dtype=jnp.float32, name="fc1")(w)
-        w = BatchNorm(
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=jnp.float32,
-            name="fc1bn",
-        )(w)
-        w = nn.relu(w)
+        w = nn.relu(self.norm(dtype=jnp.float32, name="fc1bn")(w))
         logits = nn.Dense(
             2,
             dtype=jnp.float32,
@@ -217,6 +182,7 @@ class GumbelGate(nn.Module):
             bias_init=_fc2_bias_init,
             name="fc2",
         )(w)
+        noise = gumbel_noise(self.make_rng("gumbel"), logits.shape) if mode == "sample" else None
         return decide(logits, mode, tau=self.tau, threshold=threshold, noise=noise)
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
-from aig_jax.models import build_model, num_blocks
-from aig_jax.schedules import gated_flags, target_rates
+from aig_jax.model.resnet import build_model, num_blocks
+from aig_jax.model.schedules import gated_flags, target_rates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,20 +33,21 @@ class ModelSpec:
     def from_config(cls, config: Any) -> ModelSpec:
         """Resolve ``config.model``, ``config.target_schedule``/``target_rate``/``target_rates``.
 
-        An explicit ``config.target_rates`` list wins over the named schedule.
+        An explicit ``config.target_rates`` list wins over the named schedule. Raises
+        ``ValueError`` naming the fields when the rates do not fit the model.
         """
-        n = num_blocks(config.model)
-        explicit = config.get("target_rates")
-        schedule = list(explicit) if explicit else config.target_schedule
-        rates = target_rates(schedule, n, float(config.target_rate))
-        options = config.get("gate_options") or {}
+        schedule = list(config.target_rates) if config.target_rates else config.target_schedule
+        try:
+            rates = target_rates(schedule, num_blocks(config.model), float(config.target_rate))
+        except ValueError as err:
+            raise ValueError(f"config.target_rates/target_schedule: {err}") from err
         return cls(
             name=config.model,
             num_classes=int(config.dataset.num_classes),
             rates=rates,
-            gate=config.get("gate", "gumbel"),
-            gate_options=tuple(sorted(dict(options).items())),
-            dtype=config.get("dtype", "float32"),
+            gate=config.gate,
+            gate_options=tuple(sorted(dict(config.gate_options).items())),
+            dtype=config.dtype,
         )
 
     @classmethod
@@ -82,12 +83,8 @@ class ModelSpec:
         """[L] float32 target rates, for the target-rate loss."""
         return np.asarray(self.rates, np.float32)
 
-    def build(self, dtype: str | None = None, scan_blocks: bool = False) -> nn.Module:
-        """The Flax model (optionally with another compute dtype, e.g. for evaluation).
-
-        ``scan_blocks`` changes how the model is compiled, not its weights (see
-        :class:`aig_jax.models.ResNet`), so it is not part of the spec.
-        """
+    def build(self, dtype: str | None = None) -> nn.Module:
+        """The Flax model (optionally with another compute dtype, e.g. for evaluation)."""
         return build_model(
             self.name,
             num_classes=self.num_classes,
@@ -95,7 +92,6 @@ class ModelSpec:
             gate=self.gate,
             gate_options=dict(self.gate_options),
             dtype=dtype or self.dtype,
-            scan_blocks=scan_blocks,
         )
 
     def mismatch(self, other: ModelSpec) -> str | None:

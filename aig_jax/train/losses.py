@@ -11,6 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+#: How the target-rate loss is averaged: over the gated layers, or over all layers (the
+#: reference's ImageNet code).
+NORMALIZE = ("gated", "all")
+
 
 def target_rate_loss(
     gates: jax.Array, targets: jax.Array, *, normalize: str = "gated"
@@ -26,8 +30,8 @@ def target_rate_loss(
     Returns:
       Scalar loss (0 when no layer is gated).
     """
-    if normalize not in ("gated", "all"):
-        raise ValueError(f"normalize must be 'gated' or 'all', got {normalize!r}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
     targets = jnp.asarray(targets, jnp.float32)
     if gates.ndim != 2 or targets.shape != gates.shape[:1]:
         raise ValueError(
@@ -44,7 +48,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy of logits [B, K] against integer labels [B].
 
     A one-hot product rather than a gather: its gradient is dense, so it keeps the batch
-    sharding on an explicit-axes mesh (a gather's scatter-add gradient cannot, in JAX 0.11).
+    sharding on an explicit-axes mesh.
     """
     one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

@@ -1,33 +1,46 @@
-"""Gated residual blocks with the masked residual ``relu(shortcut(x) + z * F(x))``.
+"""Gated residual blocks with the masked residual ``relu(shortcut(x) + z · F(x))``.
 
 The residual branch F is computed for every image and multiplied by the gate decision z, so
 shapes are static and the same code runs jit-compiled on any device mesh. As in the reference,
 the branch's BatchNorm statistics include images whose gate is 0.
 
-Each block class also declares its convolutions (:meth:`conv_specs`), from which
-:mod:`aig_jax.flops` derives parameters and multiply-accumulates without tracing the model.
-A fork adds a new block by subclassing :class:`ResidualBlock` and implementing ``branch``,
-``conv_specs`` and ``out_features``.
+A block is given the model's ``conv`` and ``norm`` partials (as in the Flax ImageNet example)
+and exposes its parts as methods: :meth:`ResidualBlock.branch` (F), ``shortcut`` and the gate.
+How the gated branch is combined with its decision is a function of the call
+(:func:`masked_branch` by default), so :mod:`aig_jax.inference` can run the same modules under
+``lax.cond`` or with a kernel that skips images, without a second copy of the forward pass.
+
+Each block class also declares its convolutions (:meth:`ResidualBlock.conv_specs`), from which
+:mod:`aig_jax.model.flops` derives parameters and multiply-accumulates without tracing the
+model. A fork adds a new block by subclassing :class:`ResidualBlock` and implementing
+``branch``, ``conv_specs`` and, if its output is wider, ``expansion``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aig_jax.batch_norm import BatchNorm
-from aig_jax.gates import GateOutput, GumbelGate
+from aig_jax.model.gates import GateOutput, GumbelGate
+
+#: A module class, or a ``functools.partial`` of one (the Flax ImageNet example's ``ModuleDef``).
+ModuleDef = Callable[..., nn.Module]
 
 #: He-normal initialisation over fan-out, as the reference initialises its convolutions.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-#: BatchNorm epsilon of every convolution's BatchNorm (PyTorch's default).
-BN_EPSILON = 1e-5
+#: The model's convolution: bias-free, He-normal over fan-out. Blocks pass features, kernel
+#: size, strides and PyTorch's padding (kernel // 2 on each side).
+Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
+
+#: BatchNorm with PyTorch's defaults: momentum 0.1 in PyTorch's convention (0.9 in Flax's),
+#: epsilon 1e-5. Variables: params ``scale``, ``bias``; batch_stats ``mean``, ``var``.
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
 
 class ConvSpec(NamedTuple):
@@ -41,32 +54,15 @@ class ConvSpec(NamedTuple):
     groups: int = 1  # grouped convolution (ResNeXt): each output sees in_features / groups
 
 
-def conv(
-    features: int, kernel: int, strides: int, name: str, dtype: Any, groups: int = 1
-) -> nn.Conv:
-    """A bias-free square convolution padded like PyTorch's ``padding=kernel // 2``.
-
-    ``groups`` > 1 splits input and output channels into that many independent groups.
-    """
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(strides, strides),
-        padding=((pad, pad), (pad, pad)),
-        feature_group_count=groups,
-        use_bias=False,
-        dtype=dtype,
-        kernel_init=conv_kernel_init,
-        name=name,
-    )
+#: ``gated_branch(block, x, decision) -> z · F(x)``: how a gated block combines its branch with
+#: its decisions [B]; x [B, H, W, C_in] → [B, H/s, W/s, C_out].
+GatedBranch = Callable[["ResidualBlock", jax.Array, jax.Array], jax.Array]
 
 
-def batch_norm(train: bool, name: str, dtype: Any) -> BatchNorm:
-    """BatchNorm with PyTorch's defaults (momentum 0.1 in PyTorch's convention, eps 1e-5)."""
-    return BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=BN_EPSILON, dtype=dtype, name=name
-    )
+def masked_branch(block: ResidualBlock, x: jax.Array, decision: jax.Array) -> jax.Array:
+    """``z · F(x)``: the branch of every image, multiplied by its decision (static shapes)."""
+    y = block.branch(x)
+    return decision.astype(y.dtype)[:, None, None, None] * y
 
 
 class ResidualBlock(nn.Module):
@@ -74,18 +70,20 @@ class ResidualBlock(nn.Module):
 
     Attributes:
       features: the block's width (bottleneck width for bottleneck blocks).
+      conv: the model's convolution partial (dtype bound).
+      norm: the model's normalisation partial (dtype and train/eval statistics bound).
       strides: spatial stride of the block.
       gated: whether the block has a gate; an ungated block always executes.
       gate_cls: the gate module class, or a ``functools.partial`` of one with options (see
-        :mod:`aig_jax.gates` for the contract).
-      dtype: compute dtype of convolutions and BatchNorms (parameters stay float32).
+        :mod:`aig_jax.model.gates` for the contract).
     """
 
     features: int
+    conv: ModuleDef
+    norm: ModuleDef
     strides: int = 1
     gated: bool = True
-    gate_cls: Callable[..., nn.Module] = GumbelGate
-    dtype: Any = jnp.float32
+    gate_cls: ModuleDef = GumbelGate
 
     expansion: ClassVar[int] = 1
 
@@ -111,9 +109,17 @@ class ResidualBlock(nn.Module):
             return ()
         return (ConvSpec(1, in_features, cls.out_features_of(features), strides, "shortcut"),)
 
-    def branch(self, x: jax.Array, train: bool) -> jax.Array:
+    def branch(self, x: jax.Array) -> jax.Array:
         """The residual branch F(x): [B, H, W, C_in] → [B, H/s, W/s, C_out]."""
         raise NotImplementedError
+
+    def shortcut(self, x: jax.Array) -> jax.Array:
+        """The identity, or a 1×1 convolution + norm where width or resolution change."""
+        if not self.needs_projection(x.shape[-1], self.features, self.strides):
+            return x
+        out_features = self.out_features_of(self.features)
+        y = self.conv(out_features, (1, 1), self.strides, name="shortcut_conv")(x)
+        return self.norm(name="shortcut_bn")(y)
 
     @nn.compact
     def __call__(
@@ -123,32 +129,23 @@ class ResidualBlock(nn.Module):
         train: bool,
         gate_mode: str,
         threshold: jax.Array | float = 0.5,
-        noise: jax.Array | None = None,
+        gated_branch: GatedBranch = masked_branch,
     ) -> tuple[jax.Array, GateOutput]:
-        """Apply the block to ``x`` [B, H, W, C_in]; ``noise`` is the gate's Gumbel noise
-        [B, 2] in gate mode "sample" (see :mod:`aig_jax.gates`).
+        """Apply the block to ``x`` [B, H, W, C_in].
 
         Returns the output [B, H/s, W/s, C_out] and the gate's decision and p(execute), each
         [B]; an ungated block reports 1 for both.
         """
-        if self.gated:
-            gate = self.gate_cls(name="gate")(
-                x, train=train, mode=gate_mode, threshold=threshold, noise=noise
-            )
-        else:
+        if not self.gated:
             # ones_like keeps the batch's sharding, so the [L, B] stack of decisions agrees
             # across gated and ungated blocks under an explicit ('data',) mesh.
             ones = jnp.ones_like(x[:, 0, 0, 0], jnp.float32)
-            gate = GateOutput(ones, ones)
-        y = self.branch(x, train)
-        out_features = self.out_features_of(self.features)
-        if self.needs_projection(x.shape[-1], self.features, self.strides):
-            shortcut = conv(out_features, 1, self.strides, "shortcut_conv", self.dtype)(x)
-            shortcut = batch_norm(train, "shortcut_bn", self.dtype)(shortcut)
-        else:
-            shortcut = x
-        z = gate.decision.astype(y.dtype)[:, None, None, None]
-        return nn.relu(shortcut + z * y), gate
+            return nn.relu(self.shortcut(x) + self.branch(x)), GateOutput(ones, ones)
+        gate = self.gate_cls(norm=self.norm, name="gate")(
+            x, train=train, mode=gate_mode, threshold=threshold
+        )
+        y = gated_branch(self, x, gate.decision)
+        return nn.relu(self.shortcut(x) + y), gate
 
 
 class BasicBlock(ResidualBlock):
@@ -165,13 +162,12 @@ class BasicBlock(ResidualBlock):
             *cls.projection_spec(in_features, features, strides),
         )
 
-    def branch(self, x: jax.Array, train: bool) -> jax.Array:
-        """conv3×3/s → BN → ReLU → conv3×3 → BN."""
-        bn = functools.partial(batch_norm, train, dtype=self.dtype)
-        y = conv(self.features, 3, self.strides, "conv1", self.dtype)(x)
-        y = nn.relu(bn("bn1")(y))
-        y = conv(self.features, 3, 1, "conv2", self.dtype)(y)
-        return bn("bn2")(y)
+    def branch(self, x: jax.Array) -> jax.Array:
+        """conv3×3/s → norm → ReLU → conv3×3 → norm."""
+        y = self.conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.features, (3, 3), padding=1, name="conv2")(y)
+        return self.norm(name="bn2")(y)
 
 
 class Bottleneck(ResidualBlock):
@@ -189,12 +185,11 @@ class Bottleneck(ResidualBlock):
             *cls.projection_spec(in_features, features, strides),
         )
 
-    def branch(self, x: jax.Array, train: bool) -> jax.Array:
-        """conv1×1 → BN → ReLU → conv3×3/s → BN → ReLU → conv1×1 → BN."""
-        bn = functools.partial(batch_norm, train, dtype=self.dtype)
-        y = conv(self.features, 1, 1, "conv1", self.dtype)(x)
-        y = nn.relu(bn("bn1")(y))
-        y = conv(self.features, 3, self.strides, "conv2", self.dtype)(y)
-        y = nn.relu(bn("bn2")(y))
-        y = conv(self.features * self.expansion, 1, 1, "conv3", self.dtype)(y)
-        return bn("bn3")(y)
+    def branch(self, x: jax.Array) -> jax.Array:
+        """conv1×1 → norm → ReLU → conv3×3/s → norm → ReLU → conv1×1 → norm."""
+        y = self.conv(self.features, (1, 1), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.features, (3, 3), self.strides, padding=1, name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.conv(self.features * self.expansion, (1, 1), name="conv3")(y)
+        return self.norm(name="bn3")(y)

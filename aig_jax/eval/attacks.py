@@ -22,9 +22,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from aig_jax.models import ModelOutput
+from aig_jax.data.preprocess import PIXEL_MAX, normalise_pixels
+from aig_jax.model.resnet import ModelOutput
 from aig_jax.sharding import batch_sharded, shard_batch
-from aig_jax.steps import PIXEL_MAX, normalise_pixels
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 AttackStep = Callable[..., jax.Array]

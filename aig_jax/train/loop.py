@@ -23,19 +23,12 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from aig_jax import checkpoint, gate_stats, plots
+from aig_jax import checkpoint
 from aig_jax.config_checks import validate_config
-from aig_jax.data import (
-    eval_iterator,
-    make_source,
-    num_eval_batches,
-    steps_per_epoch,
-    train_iterator,
-)
-from aig_jax.evaluation import predict, summarize
-from aig_jax.flops import model_cost
-from aig_jax.metrics_writer import MetricsWriter
-from aig_jax.model_spec import ModelSpec
+from aig_jax.data import make_source, steps_per_epoch, train_iterator
+from aig_jax.eval import gate_stats, plots
+from aig_jax.eval.evaluators import Classification, EvalContext
+from aig_jax.model.spec import ModelSpec
 from aig_jax.sharding import (
     check_batch_size,
     compile_together,
@@ -43,13 +36,10 @@ from aig_jax.sharding import (
     prefetch_to_mesh,
     replicated,
 )
-from aig_jax.steps import make_eval_step, make_train_step
-from aig_jax.train_state import (
-    TrainState,
-    create_train_state,
-    learning_rate_schedule,
-    make_optimizer,
-)
+from aig_jax.train.metrics import MetricsWriter
+from aig_jax.train.optim import learning_rate_schedule, make_optimizer
+from aig_jax.train.state import TrainState, create_train_state
+from aig_jax.train.step import make_train_step
 
 
 class _StopOnSignal:
@@ -151,7 +141,7 @@ def _restore_or_init(
         logging.info("resuming from step %d in %s", meta["step"], ckpt.directory)
         step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state.step.sharding)
         return TrainState(step, variables["params"], variables["batch_stats"], opt_state)
-    if config.get("init_from"):
+    if config.init_from:
         meta, directory, step = checkpoint.read_meta(config.init_from)
         problem = spec.mismatch(ModelSpec.from_json(meta["model"]))
         if problem:
@@ -165,40 +155,18 @@ def _restore_or_init(
 
 
 def _evaluate(
-    *,
-    eval_step: Any,
-    state: TrainState,
-    config: Any,
-    mesh: jax.sharding.Mesh,
-    spec: ModelSpec,
-    cost: Any,
-    eval_source: Any,
-    step: int,
-    writer: MetricsWriter,
-    workdir: str,
+    ctx: EvalContext, state: TrainState, step: int, writer: MetricsWriter, workdir: str
 ) -> dict[str, Any]:
-    """Evaluate the current state in every ``config.eval_gate_modes``; log and plot."""
+    """Evaluate the current state in every ``config.eval_gate_modes``; log, and save each
+    mode's class × block execution-rate matrix (``.npy`` and a heatmap)."""
     results = {}
-    batch = config.eval_batch_size
-    modes = config.eval_gate_modes if any(spec.gated) else ("argmax",)
+    modes = ctx.config.eval_gate_modes if any(ctx.spec.gated) else ("argmax",)
     for mode in modes:
-        batches = eval_iterator(
-            eval_source, config.dataset, global_batch=batch, limit=config.get("eval_limit")
-        )
-        preds = predict(
-            eval_step,
-            state.variables,
-            batches,
-            mesh,
-            gate_mode=mode,
-            key=jax.random.key(config.seed + 7),
-            num_layers=len(spec.rates),
-            total=num_eval_batches(len(eval_source), batch, config.get("eval_limit")),
-            desc=f"eval {mode}",
-            progress=config.get("progress", True),
-        )
-        summary = summarize(preds, cost, spec.num_classes)
-        matrix = gate_stats.class_layer_rates(preds.gates, preds.labels, spec.num_classes)
+        evaluator = Classification(ctx, mode)
+        summary = evaluator.run(state.variables)
+        preds = evaluator.predictions
+        assert preds is not None  # set by run
+        matrix = gate_stats.class_layer_rates(preds.gates, preds.labels, ctx.spec.num_classes)
         if writer.enabled:
             out = os.path.join(workdir, "gates")
             os.makedirs(out, exist_ok=True)
@@ -207,8 +175,8 @@ def _evaluate(
             plots.class_layer_heatmap(
                 matrix,
                 base + ".png",
-                block_names=[b.name for b in cost.blocks],
-                ungated=[not g for g in spec.gated],
+                block_names=[b.name for b in ctx.cost.blocks],
+                ungated=[not g for g in ctx.spec.gated],
                 title=f"execution rate per class and block ({mode} gates, step {step})",
             )
         writer.write(step, "eval", {"gate_mode": mode, **summary})
@@ -224,7 +192,7 @@ def _batches(config: Any, source: Any, start: int, total: int) -> Iterator[dict[
         seed=config.seed,
         start_step=start,
         num_steps=total - start,
-        num_threads=config.get("data_threads", 8),
+        num_threads=config.data_threads,
         normalised=False,  # uint8 to the device, normalised there by the train step
     )
 
@@ -237,20 +205,18 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     validate_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(config.get("num_devices") or None)
+    mesh = make_mesh(config.num_devices or None)
     check_batch_size(config.batch_size, mesh)
     spec = ModelSpec.from_config(config)
-    model = spec.build(scan_blocks=config.get("scan_blocks", False))
+    model = spec.build()
     train_source = make_source(config.dataset, config.dataset.train_split)
-    eval_source = make_source(config.dataset, config.dataset.eval_split)
     spe = steps_per_epoch(len(train_source), config.batch_size)
     total = config.num_train_steps if config.num_train_steps > 0 else round(config.num_epochs * spe)
     eval_every = max(1, round(config.eval_every_epochs * spe))
     size = config.dataset.image_size
-    cost = model_cost(model, size)
     schedule = learning_rate_schedule(config, spe)
-    tx = make_optimizer(config, spe)
-    writer = MetricsWriter(workdir, tensorboard=config.get("tensorboard", True))
+    tx = make_optimizer(config, schedule)
+    writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
     )
@@ -272,18 +238,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             ),
             "train_step",
         )
-        eval_step = compile_together(make_eval_step(model, mesh), "eval_step")
-        evaluate = functools.partial(
-            _evaluate,
-            eval_step=eval_step,
-            config=config,
-            mesh=mesh,
-            spec=spec,
-            cost=cost,
-            eval_source=eval_source,
-            writer=writer,
-            workdir=workdir,
-        )
+        ctx = EvalContext.create(
+            model, spec, config, mesh, limit=config.eval_limit, seed=config.seed + 7,
+            progress=config.progress,
+        )  # fmt: skip
         key = jax.device_put(jax.random.key(config.seed), replicated(mesh))
         logging.info(
             "%s: %d blocks (%d gated), %d steps (%d per epoch), batch %d on %d devices",
@@ -293,7 +251,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         pending: list[dict[str, jax.Array]] = []
         step = start
         timer = LoopTimer(start)
-        show = jax.process_index() == 0 and config.get("progress", True)
+        show = jax.process_index() == 0 and config.progress
         bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not show)
         batches = prefetch_to_mesh(_batches(config, train_source, start, total), mesh)
         while (batch := timer.wait_for(batches)) is not None:
@@ -314,7 +272,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 )
             with timer.paused():
                 if step % eval_every == 0 or step == total:
-                    results = evaluate(state=state, step=step)
+                    results = _evaluate(ctx, state, step, writer, workdir)
                 if step % config.checkpoint_every_steps == 0 or step == total or stop.requested:
                     ckpt.save(
                         step, state.variables, state.opt_state, _meta(spec, config, step, spe)

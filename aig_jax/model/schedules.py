@@ -2,7 +2,7 @@
 
 A schedule maps (number of blocks L, target rate t) to L rates in [0, 1]. A block whose rate
 is 1 gets no gate and always executes; the others are gated and pulled towards their rate by
-:func:`aig_jax.losses.target_rate_loss`. Forks add schedules with ``SCHEDULES.register``.
+:func:`aig_jax.train.losses.target_rate_loss`. Forks add schedules with ``SCHEDULES.register``.
 """
 
 from __future__ import annotations

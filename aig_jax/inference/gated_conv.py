@@ -12,11 +12,10 @@ for large layers, so that a tile's accumulator and weight slices stay small.
 On CPU the kernel runs in Pallas's interpret mode (for tests and reference); on GPU and TPU it
 is compiled. Pallas's Triton lowering (GPU) needs power-of-2 array sizes, so there the output
 tile is padded to power-of-2 height and width (e.g. 56 → 64 for ResNet-50 at 224²) and cropped
-after the call; channel counts of the ResNets are already powers of 2. On an H100 the
-whole-image kernel compiled and matched XLA's convolution (to TF32 rounding) at CIFAR sizes
-(32×32×16, and 16×16×32 with stride 2); at ResNet-50 sizes the whole-image tile (56×56 rows
-padded to 64×64) did not finish compiling and running within 5 minutes, which is what the
-row and channel blocks are for (:func:`tile_sizes` picks them).
+after the call; channel counts of the ResNets are already powers of 2. The whole-image tile
+suits CIFAR sizes; at ResNet-50 sizes a whole-image tile (56×56 rows padded to 64×64) is too
+large to compile in reasonable time, which is what the row and channel blocks are for
+(:func:`tile_sizes` picks them).
 """
 
 from __future__ import annotations
@@ -52,13 +51,10 @@ def _kernel(
     gate_ref: jax.Array,
     x_ref: jax.Array,
     w_ref: jax.Array,
-    s_ref: jax.Array,
-    b_ref: jax.Array,
     o_ref: jax.Array,
     *,
     kernel: int,
     stride: int,
-    relu: bool,
     cin_block: int,
 ) -> None:
     _, rows, w_out, c_out = o_ref.shape
@@ -82,9 +78,6 @@ def _kernel(
                         w_ref[dy, dx, pl.ds(c, cin_block), :],
                         preferred_element_type=jnp.float32,
                     )
-        acc = acc * s_ref[...].astype(jnp.float32) + b_ref[...].astype(jnp.float32)
-        if relu:
-            acc = jnp.maximum(acc, 0.0)
         o_ref[...] = acc.reshape(o_ref.shape).astype(o_ref.dtype)
 
     @pl.when(gate_ref[0, 0] <= 0)
@@ -104,7 +97,6 @@ def _block(name: str, value: int | None, full: int) -> int:
     jax.jit,
     static_argnames=(
         "stride",
-        "relu",
         "interpret",
         "pow2_tiles",
         "rows",
@@ -115,27 +107,22 @@ def _block(name: str, value: int | None, full: int) -> int:
 def gated_conv(
     x: jax.Array,
     kernel: jax.Array,
-    scale: jax.Array,
-    bias: jax.Array,
     gate: jax.Array,
     *,
     stride: int = 1,
-    relu: bool = False,
     interpret: bool | None = None,
     pow2_tiles: bool | None = None,
     rows: int | None = None,
     cout_block: int | None = None,
     cin_block: int | None = None,
 ) -> jax.Array:
-    """``gate[b] · act(conv(x, kernel) · scale + bias)`` per image, skipping where gate is 0.
+    """``gate[b] · conv(x, kernel)`` per image, skipping the images whose gate is 0.
 
     Args:
       x: [B, H, W, C_in] activations.
       kernel: [k, k, C_in, C_out] weights (HWIO), k odd; padding k // 2 as PyTorch's.
-      scale, bias: [C_out] per-channel affine (an inference BatchNorm's), in float32.
       gate: [B] decisions; images with gate 0 get an all-zero output and cost no matmuls.
       stride: spatial stride.
-      relu: apply ReLU before writing.
       interpret: force Pallas's interpret mode (default: on CPU only).
       pow2_tiles: compute each image's output on a power-of-2 height × width and crop it
         (default: on GPU, whose Triton lowering needs it).
@@ -172,7 +159,7 @@ def gated_conv(
     xp = jnp.pad(x, ((0, 0), (pad, max(hp - h - pad, pad)), (pad, max(wp - w - pad, pad)), (0, 0)))
     hp, wp = xp.shape[1], xp.shape[2]
     call = pl.pallas_call(
-        functools.partial(_kernel, kernel=k, stride=stride, relu=relu, cin_block=cin_block),
+        functools.partial(_kernel, kernel=k, stride=stride, cin_block=cin_block),
         out_shape=jax.ShapeDtypeStruct((b, h_tile, w_tile, c_out), x.dtype),
         grid=(b, h_tile // rows, c_out // cout_block),
         in_specs=[
@@ -180,17 +167,9 @@ def gated_conv(
             # The whole padded image: a row block reads its rows and halo from it.
             pl.BlockSpec((1, hp, wp, c_in), lambda i, r, j: (i, 0, 0, 0)),
             pl.BlockSpec((k, k, c_in, cout_block), lambda i, r, j: (0, 0, 0, j)),
-            pl.BlockSpec((1, cout_block), lambda i, r, j: (0, j)),
-            pl.BlockSpec((1, cout_block), lambda i, r, j: (0, j)),
         ],
         out_specs=pl.BlockSpec((1, rows, w_tile, cout_block), lambda i, r, j: (i, r, 0, j)),
         interpret=default_interpret() if interpret is None else interpret,
     )
-    out = call(
-        gate.astype(jnp.float32)[:, None],
-        xp,
-        kernel.astype(x.dtype),
-        scale.reshape(1, c_out),
-        bias.reshape(1, c_out),
-    )
+    out = call(gate.astype(jnp.float32)[:, None], xp, kernel.astype(x.dtype))
     return out[:, :h_out, :w_out]

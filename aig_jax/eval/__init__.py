@@ -1,0 +1,1 @@
+"""Evaluation: predictions, evaluators, calibration, attacks, the report and its plots."""

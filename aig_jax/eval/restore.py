@@ -1,0 +1,63 @@
+"""A trained model for evaluation: its spec, variables and config, read from a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from aig_jax import checkpoint
+from aig_jax.model.spec import ModelSpec
+from aig_jax.model.variables import abstract_variables
+from aig_jax.sharding import replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A model restored from a checkpoint, with the config it is evaluated under."""
+
+    spec: ModelSpec
+    model: nn.Module
+    variables: dict[str, Any]
+    config: Any
+    directory: str
+    step: int
+
+
+def restore(path: str, mesh: jax.sharding.Mesh, config: Any | None = None) -> Restored:
+    """Restore the checkpoint at ``path`` (workdir, checkpoints dir or one step's dir),
+    replicated over ``mesh``.
+
+    Without ``config`` the training config stored in the checkpoint is used. Raises
+    :class:`~aig_jax.checkpoint.CheckpointError` when there is no checkpoint or ``config``
+    describes another model, and ``ValueError`` when its dataset has another class count.
+    """
+    meta, directory, step = checkpoint.read_meta(path)
+    if "model" not in meta:
+        raise checkpoint.CheckpointError(f"checkpoint {directory}/{step} has no model spec")
+    spec = ModelSpec.from_json(meta["model"])
+    if config is None:
+        config = ml_collections.ConfigDict(meta.get("config") or {})
+    else:
+        classes = config.dataset.num_classes
+        if classes != spec.num_classes:
+            raise ValueError(
+                f"dataset {config.dataset.name!r} has config.dataset.num_classes = {classes} "
+                f"but the checkpoint's model {spec.name} predicts {spec.num_classes} classes"
+            )
+        problem = ModelSpec.from_config(config).mismatch(spec)
+        if problem:
+            raise checkpoint.CheckpointError(
+                f"the checkpoint in {directory} does not match the config: {problem}"
+            )
+    model = spec.build()
+    size = config.dataset.image_size
+    like = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)),
+        abstract_variables(model, (size, size, 3)),
+    )
+    variables = checkpoint.load_variables(directory, step, like)
+    return Restored(spec, model, variables, config, directory, step)

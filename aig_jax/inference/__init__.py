@@ -1,0 +1,1 @@
+"""Inference that really skips the residual branches whose gate is 0."""

@@ -1,1 +1,0 @@
-"""Pallas kernels of the fast inference paths."""

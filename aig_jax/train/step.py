@@ -1,0 +1,106 @@
+"""The jit-compiled train step over the ``('data',)`` mesh.
+
+The train step draws the Gumbel noise from ``fold_in(key, step)`` (so no RNG state is
+checkpointed and a resumed run draws the same noise), computes CE + λ·target-rate loss and
+applies the optimizer. Gradients, losses and BatchNorm statistics are over the *global* batch:
+under ``jit`` a batch-sharded mean is a cross-device mean (synchronised BatchNorm), whereas the
+reference's DataParallel normalised each GPU's share separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from aig_jax.data.preprocess import normalise_pixels
+from aig_jax.train.losses import total_loss
+from aig_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+TrainStep = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    targets: np.ndarray,
+    *,
+    target_weight: float,
+    normalize: str = "gated",
+    learning_rate: optax.Schedule | None = None,
+    donate: bool = True,
+    pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> TrainStep:
+    """Build ``step(state, batch, key) -> (state, metrics)``, jit-compiled with donated state.
+
+    Args:
+      model: a gated ResNet (its call returns a ModelOutput).
+      tx: the optimizer.
+      targets: [L] target rates (1 = ungated block, left out of the loss).
+      target_weight: λ of the target-rate loss.
+      normalize: "gated" or "all" (see :func:`aig_jax.train.losses.target_rate_loss`).
+      learning_rate: schedule whose value is reported in the metrics.
+      donate: donate the input state's buffers (they are dead after the call).
+      pixel_stats: ``(mean, std)`` on the 0–1 scale: the batch's images are then uint8 pixels
+        [B, H, W, 3], normalised on the device (see :func:`normalise_pixels`).
+
+    ``batch`` holds ``image`` [B, H, W, C] float32 (normalised; uint8 with ``pixel_stats``)
+    and ``label`` [B] int32, sharded over ``data``. Metrics are scalars except
+    ``gate_rates`` [L] (execution rate of each block).
+    """
+    targets_arr = jnp.asarray(targets, jnp.float32)
+
+    def step(state: TrainState, batch: Batch, key: jax.Array) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(key, state.step)
+        images = (
+            batch["image"]
+            if pixel_stats is None
+            else normalise_pixels(batch["image"], *pixel_stats)
+        )
+
+        def loss_fn(params: Any) -> tuple[jax.Array, tuple]:
+            out, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                images,
+                train=True,
+                gate_mode="sample",
+                rngs={"gumbel": rng},
+                mutable=["batch_stats"],
+            )
+            loss, parts = total_loss(
+                out.logits,
+                batch["label"],
+                out.gates,
+                targets_arr,
+                target_weight=target_weight,
+                normalize=normalize,
+            )
+            return loss, (out, updates["batch_stats"], parts)
+
+        (loss, (out, batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "ce": parts["ce"],
+            "target_loss": parts["target_loss"],
+            "accuracy": jnp.mean(jnp.argmax(out.logits, -1) == batch["label"]),
+            "gate_rates": jnp.mean(out.gates, axis=1),
+            "grad_norm": optax.tree.norm(grads),
+        }
+        if learning_rate is not None:
+            metrics["lr"] = jnp.asarray(learning_rate(state.step), jnp.float32)
+        new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
