@@ -1,6 +1,6 @@
 """JAX's persistent compilation cache, on by default for ``train.py`` and ``eval.py``.
 
-Compiling an unrolled deep network takes long (the AIG-ResNet-110 train step: about a minute);
+Compiling a deep network takes long (see bench/README.md for the AIG-ResNet-110 train step);
 with the cache, a later run of the same program — a resumed or preempted run, another seed,
 an evaluation — loads the compiled program from disk instead. Entries are keyed by the program,
 the devices and the JAX version, so a stale one is never used.
