@@ -17,10 +17,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from aig_jax.errors import UserError
+
 MODEL, OPT, META = "model", "opt", "meta"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model."""
 
 

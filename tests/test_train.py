@@ -15,12 +15,12 @@ import optax
 import pytest
 
 from aig_jax import checkpoint
-from aig_jax.config_checks import validate_config
 from aig_jax.data import eval_iterator, make_source
 from aig_jax.eval.predict import predict
 from aig_jax.eval.step import make_eval_step
 from aig_jax.model.spec import ModelSpec
 from aig_jax.sharding import make_mesh, replicate, shard_batch
+from aig_jax.train.config_checks import validate_config
 from aig_jax.train.loop import LoopTimer, train_and_evaluate
 from aig_jax.train.metrics import read_metrics
 from aig_jax.train.optim import gate_mask, learning_rate_schedule, make_optimizer

@@ -24,7 +24,6 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from aig_jax import checkpoint
-from aig_jax.config_checks import validate_config
 from aig_jax.data import make_source, steps_per_epoch, train_iterator
 from aig_jax.eval import gate_stats, plots
 from aig_jax.eval.evaluators import Classification, EvalContext
@@ -36,6 +35,7 @@ from aig_jax.sharding import (
     prefetch_to_mesh,
     replicated,
 )
+from aig_jax.train.config_checks import validate_config
 from aig_jax.train.metrics import MetricsWriter
 from aig_jax.train.optim import learning_rate_schedule, make_optimizer
 from aig_jax.train.state import TrainState, create_train_state

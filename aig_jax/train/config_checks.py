@@ -10,6 +10,7 @@ from typing import Any
 
 from aig_jax.data import SOURCES
 from aig_jax.data.preprocess import PREPROCESSORS
+from aig_jax.errors import ConfigError
 from aig_jax.model.gates import GATES
 from aig_jax.model.resnet import DTYPES, MODELS
 from aig_jax.model.schedules import SCHEDULES
@@ -30,7 +31,7 @@ def _field(config: Any, name: str) -> Any:
     node = config
     for part in name.split("."):
         if part not in node:
-            raise ValueError(f"config.{name} is missing")
+            raise ConfigError(f"config.{name} is missing")
         node = node[part]
     return node
 
@@ -42,7 +43,7 @@ def _check(config: Any, name: str, ok: Callable[[Any], bool], expected: str) -> 
     except (TypeError, ValueError):
         good = False
     if not good:
-        raise ValueError(f"config.{name} = {value!r}: expected {expected}")
+        raise ConfigError(f"config.{name} = {value!r}: expected {expected}")
 
 
 def _positive_int(v: Any) -> bool:
@@ -54,11 +55,11 @@ def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 
 def validate_config(config: Any) -> None:
-    """Raise ``ValueError`` naming the first invalid, missing or removed field of a training
-    config."""
+    """Raise :class:`ConfigError` (a ``ValueError``) naming the first invalid, missing or
+    removed field of a training config."""
     for name, replacement in REMOVED.items():
         if config.get(name):
-            raise ValueError(f"config.{name} was removed: {replacement}")
+            raise ConfigError(f"config.{name} was removed: {replacement}")
     _check(config, "model", lambda v: v in MODELS, f"one of {MODELS.names()}")
     _check(config, "gate", lambda v: v in GATES, f"one of {GATES.names()}")
     _check(config, "gate_options", lambda v: hasattr(v, "items"), "a dict of gate options")
@@ -72,7 +73,7 @@ def validate_config(config: Any) -> None:
     _check(config, "num_epochs", lambda v: v >= 0, "a non-negative number of epochs")
     _check(config, "num_train_steps", lambda v: isinstance(v, int), "an integer (-1: epochs)")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
-        raise ValueError("config.num_epochs and config.num_train_steps are both 0: nothing to do")
+        raise ConfigError("config.num_epochs and config.num_train_steps are both 0: nothing to do")
     _check(config, "learning_rate", lambda v: v > 0, "a positive number")
     _check(config, "momentum", lambda v: 0 <= v < 1, "a number in [0, 1)")
     _check(config, "nesterov", lambda v: isinstance(v, bool), "True or False")
