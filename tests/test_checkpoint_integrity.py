@@ -1,5 +1,5 @@
-"""Checkpoint integrity: damaged array data is detected at every restore, and training falls
-back to the newest good checkpoint."""
+"""Checkpoint integrity: damaged array data is detected at every restore, training falls back
+to the newest good checkpoint, and a resumed run logs each step once."""
 
 import json
 import logging
@@ -14,6 +14,7 @@ from aig_jax import checkpoint
 from aig_jax.eval.restore import restore
 from aig_jax.sharding import make_mesh
 from aig_jax.train.loop import train_and_evaluate
+from aig_jax.train.metrics import read_metrics
 from tests.test_train import restore_state, small_config
 
 
@@ -108,6 +109,7 @@ def test_resume_falls_back_past_damaged_array_data(run, six_steps, damage, caplo
     resumed, straight = restore_state(run, small_config()), restore_state(six_steps, small_config())
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [m["step"] for m in read_metrics(run, "train")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_eval_restore_of_a_damaged_checkpoint_names_it(run):
@@ -136,3 +138,31 @@ def test_meta_naming_another_step_is_refused(run):
     with pytest.raises(checkpoint.CheckpointError, match=r"meta says step 2, not 8"):
         restore(step_dir(run, 8), make_mesh(1))
     assert not os.path.exists(os.path.join(run, "checkpoints_corrupt"))
+
+
+def test_metrics_after_a_kill_and_resume_hold_each_step_once(run):
+    # Killed while logging step 5, after the records of steps 3-4 but before checkpoint 4.
+    shutil.rmtree(step_dir(run, 4))
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "kind": "tr')
+    train_and_evaluate(config(6), run)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    keys = [(r["step"], r["kind"]) for r in logged]
+    assert sorted(keys) == sorted({*keys}) and len(keys) == len(read_metrics(run))
+    assert [s for s, kind in keys if kind == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_read_metrics_keeps_the_last_record_of_each_step(tmp_path):
+    records = [
+        {"step": 1, "kind": "train", "loss": 3.0},
+        {"step": 2, "kind": "train", "loss": 2.0},
+        {"step": 2, "kind": "eval", "gate_mode": "argmax", "top1_error": 50.0},
+        {"step": 2, "kind": "eval", "gate_mode": "sample", "top1_error": 60.0},
+        {"step": 2, "kind": "train", "loss": 2.5},  # replayed after a kill
+    ]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.write('{"step": 3, "ki')  # cut short by a kill
+    assert read_metrics(str(tmp_path), "train") == [records[0], records[4]]
+    assert read_metrics(str(tmp_path), "eval") == records[2:4]

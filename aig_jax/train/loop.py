@@ -261,6 +261,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         state = jax.jit(init, out_shardings=replicated(mesh))()
         state = _restore_or_init(ckpt, state, spec, config)
         start = int(state.step)
+        writer.drop_after(start)  # the records of steps this run replays
         train_step = compile_together(
             make_train_step(
                 model,
