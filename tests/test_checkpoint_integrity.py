@@ -131,6 +131,16 @@ def test_checkpoint_without_checksums_loads_with_a_warning(run, caplog):
     assert np.all(np.isfinite(jax.tree.leaves(variables)[0]))
 
 
+def test_array_restored_in_another_dtype_loads_unverified_with_a_warning(tmp_path, caplog):
+    checkpoint.save_variables(str(tmp_path), 0, {"params": {"w": np.linspace(0, 1, 6)}}, {})
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    like = {"params": {"w": jax.ShapeDtypeStruct((6,), np.float32, sharding=one_device)}}
+    with caplog.at_level(logging.WARNING):
+        restored = checkpoint.load_variables(str(tmp_path), 0, like)
+    assert "params/w saved as float64, restored as float32: not verified" in caplog.text
+    np.testing.assert_array_equal(restored["params"]["w"], np.linspace(0, 1, 6, dtype=np.float32))
+
+
 def test_meta_naming_another_step_is_refused(run):
     shutil.copytree(step_dir(run, 2), step_dir(run, 8))  # a step directory copied over
     with pytest.raises(checkpoint.CheckpointError, match=r"meta says step 2, not 8"):
