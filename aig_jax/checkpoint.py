@@ -2,28 +2,128 @@
 
 Layout of ``<workdir>/checkpoints/<step>/``: ``model`` (``params`` and ``batch_stats``),
 ``opt`` (``opt_state``; absent in converted checkpoints) and ``meta`` (JSON: the
-:class:`~aig_jax.model.spec.ModelSpec`, the config, the epoch). Orbax writes each step to a
-temporary directory and renames it when complete, so an interrupted save never replaces the
-last good checkpoint. Restores go into abstract arrays that carry the *current* shardings, so
-a checkpoint saved on 8 devices restores onto 1 (and vice versa).
+:class:`~aig_jax.model.spec.ModelSpec`, the config, the step, the epoch and a CRC-32 of every
+saved array). Orbax writes each step to a temporary directory and renames it when complete, so
+an interrupted save never replaces the last good checkpoint. Restores go into abstract arrays
+that carry the *current* shardings, so a checkpoint saved on 8 devices restores onto 1 (and
+vice versa).
+
+Orbax (tensorstore's OCDBT/zarr chunks) does not verify array data: a flipped bit or a few
+overwritten bytes load as other numbers. Every restore here therefore checks the restored
+arrays against the checksums recorded at save and raises :class:`CorruptCheckpointError` on a
+mismatch. Checksums are over the bytes of each whole (global) array, so they hold whatever the
+sharding and the number of devices or hosts at save and at restore.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 from aig_jax.errors import UserError
 
 MODEL, OPT, META = "model", "opt", "meta"
+#: The meta field holding ``{array path: "dtype:crc32"}`` of every saved array.
+CHECKSUMS = "checksums"
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files cannot be read, or an array does not match its checksum."""
+
+
+def _whole(leaf: Any) -> Any:
+    """``leaf`` in a form whose host copy is the whole array on every process.
+
+    Replicated arrays (the training state) use their first local copy; arrays sharded across
+    processes are gathered with ``process_allgather`` (a collective: every process calls it,
+    in the same order, since all of them flatten the same tree).
+    """
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        if leaf.is_fully_replicated:
+            return leaf.addressable_data(0)
+        return multihost_utils.process_allgather(leaf, tiled=True)
+    return leaf
+
+
+def _crc(array: np.ndarray) -> str:
+    """``"dtype:crc32"`` of an array's bytes in C order."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    return f"{flat.dtype}:{zlib.crc32(flat.view(np.uint8).data):08x}"
+
+
+def checksums(tree: Any) -> dict[str, str]:
+    """``{path: "dtype:crc32"}`` of every array leaf of ``tree`` (paths like
+    ``params/block1/conv1/kernel``), over the bytes of each whole array.
+
+    Copies the arrays to the host in one transfer; blocks until they are computed.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    host = jax.device_get([_whole(leaf) for _, leaf in leaves])
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): _crc(np.asarray(value))
+        for (path, _), value in zip(leaves, host, strict=True)
+    }
+
+
+def _others(steps: list[int], step: int) -> str:
+    """The hint naming the other checkpoints of a directory, for error messages."""
+    others = [s for s in steps if s != step]
+    return f"; other checkpoints here: steps {', '.join(map(str, others))}" if others else ""
+
+
+def _verify(
+    directory: str, step: int, meta: Mapping[str, Any], tree: Any, steps: list[int]
+) -> None:
+    """Check the restored arrays of ``tree`` against the checksums in ``meta``.
+
+    Raises :class:`CorruptCheckpointError` naming the first array that differs. Checkpoints
+    written before checksums were recorded load with a warning.
+    """
+    recorded = meta.get(CHECKSUMS)
+    if recorded is None:
+        logging.warning(
+            "checkpoint step %d in %s has no checksums (written by an older aig-jax): "
+            "its arrays cannot be verified",
+            step,
+            directory,
+        )
+        return
+    for path, actual in checksums(tree).items():
+        expected = recorded.get(path)
+        if expected == actual:
+            continue
+        if expected is not None and expected.split(":")[0] != actual.split(":")[0]:
+            logging.warning(
+                "checkpoint step %d in %s: array %s saved as %s, restored as %s: not verified",
+                step, directory, path, expected.split(":")[0], actual.split(":")[0],
+            )  # fmt: skip
+            continue
+        problem = "has no checksum" if expected is None else "does not match its checksum"
+        raise CorruptCheckpointError(
+            f"checkpoint step {step} in {directory}: array {path} {problem} (corrupt data)"
+            + _others(steps, step)
+        )
+
+
+def _check_step(directory: str, step: int, meta: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose meta names another step than its directory."""
+    if "step" in meta and meta["step"] != step:
+        raise CheckpointError(
+            f"checkpoint {os.path.join(directory, str(step))}: its meta says step "
+            f"{meta['step']}, not {step} (a step directory renamed or copied over?)"
+        )
 
 
 def _manager(
@@ -82,9 +182,13 @@ class Checkpointer:
     ) -> None:
         """Start saving ``variables`` ({"params", "batch_stats"}), ``opt_state`` and ``meta``.
 
-        The save completes in the background; :meth:`wait_until_finished` or :meth:`close`
-        waits for it.
+        ``meta`` gets ``step`` and the checksums of the arrays, computed here, before the
+        arrays can be donated to the next step (one host copy of the state per save). The
+        files are written in the background; :meth:`wait_until_finished` or :meth:`close`
+        waits for them.
         """
+        sums = checksums({**variables, "opt_state": opt_state})
+        meta = {**meta, "step": step, CHECKSUMS: sums}
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -103,7 +207,9 @@ class Checkpointer:
         """Restore (variables, opt_state, meta) at ``step`` (default: latest).
 
         ``*_like`` are pytrees of arrays or ShapeDtypeStructs whose shardings the restored
-        arrays take. Raises :class:`CheckpointError` naming the step if it cannot be read.
+        arrays take. Raises :class:`CorruptCheckpointError` naming the step if it cannot be
+        read or an array does not match its checksum, and :class:`CheckpointError` if its meta
+        names another step.
         """
         step = self.latest_step() if step is None else step
         if step is None:
@@ -121,7 +227,29 @@ class Checkpointer:
             )
         except Exception as err:  # Orbax raises many types for unreadable files
             raise _unreadable(self.directory, step, self.all_steps(), err) from err
-        return restored[MODEL], restored[OPT]["opt_state"], dict(restored[META])
+        variables, opt_state, meta = restored[MODEL], restored[OPT]["opt_state"], restored[META]
+        _check_step(self.directory, step, meta)
+        _verify(self.directory, step, meta, {**variables, "opt_state": opt_state}, self.all_steps())
+        return variables, opt_state, dict(meta)
+
+    def set_aside(self, step: int) -> str:
+        """Move the checkpoint at ``step`` to ``<directory>_corrupt/<step>`` (``<step>.1``, …
+        when taken), out of reach of the rotation, and return that path.
+
+        Process 0 moves it; every process must call this.
+        """
+        base = os.path.join(self.directory + "_corrupt", str(step))
+        target, n = base, 0
+        while os.path.exists(target):
+            n += 1
+            target = f"{base}.{n}"
+        _barrier(f"aig_jax: set aside checkpoint {step}")  # every process has chosen `target`
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(os.path.join(self.directory, str(step)), target)
+        _barrier(f"aig_jax: checkpoint {step} set aside")
+        self._manager.reload()
+        return target
 
     def wait_until_finished(self) -> None:
         """Block until asynchronous saves are on disk."""
@@ -133,21 +261,24 @@ class Checkpointer:
         self._manager.close()
 
 
+def _barrier(name: str) -> None:
+    """Wait for every process (nothing to wait for with one)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def _shorten(text: str, limit: int = 400) -> str:
     """Orbax errors can print whole pytrees; keep the start."""
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _unreadable(directory: str, step: int, steps: list[int], err: Exception) -> CheckpointError:
-    earlier = [s for s in steps if s < step]
-    hint = (
-        f"; delete {os.path.join(directory, str(step))} to fall back to step {earlier[-1]}"
-        if earlier
-        else ""
-    )
-    return CheckpointError(
-        f"checkpoint at step {step} in {directory} could not be restored "
-        f"({type(err).__name__}: {_shorten(str(err))}){hint}"
+def _unreadable(
+    directory: str, step: int, steps: list[int], err: Exception
+) -> CorruptCheckpointError:
+    """The error for a checkpoint whose files Orbax cannot read into the requested arrays."""
+    return CorruptCheckpointError(
+        f"checkpoint step {step} in {directory} could not be restored "
+        f"({type(err).__name__}: {_shorten(str(err))})" + _others(steps, step)
     )
 
 
@@ -169,36 +300,45 @@ def resolve(path: str) -> tuple[str, int | None]:
     return path, None
 
 
-def _restore_items(directory: str, step: int | None, **items: Any) -> tuple[dict, int]:
+def _restore_items(directory: str, step: int | None, **items: Any) -> tuple[dict, int, list]:
     """Restore the named items (``meta=ocp.args.JsonRestore()``, …) of the checkpoint at
-    ``step`` (default: the latest) in ``directory``; returns them and the step."""
+    ``step`` (default: the latest) in ``directory``; returns them, the step and all steps.
+
+    The meta is always restored, and its step checked against the directory's.
+    """
     manager = _manager(directory)
     try:
         step = manager.latest_step() if step is None else step
+        steps = sorted(manager.all_steps())
         if step is None:
             raise CheckpointError(f"no checkpoint in {directory}")
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(**items))
+            args = ocp.args.Composite(**{META: ocp.args.JsonRestore(), **items})
+            restored = manager.restore(step, args=args)
         except Exception as err:  # Orbax raises many types for unreadable files
-            raise _unreadable(directory, step, sorted(manager.all_steps()), err) from err
+            raise _unreadable(directory, step, steps, err) from err
     finally:
         manager.close()
-    return dict(restored), step
+    _check_step(directory, step, restored[META])
+    return dict(restored), step, steps
 
 
 def read_meta(path: str) -> tuple[dict[str, Any], str, int]:
     """(meta, checkpoint directory, step) of the checkpoint at ``path`` (see :func:`resolve`)."""
     directory, step = resolve(path)
-    restored, step = _restore_items(directory, step, **{META: ocp.args.JsonRestore()})
+    restored, step, _ = _restore_items(directory, step)
     return dict(restored[META]), directory, step
 
 
 def load_variables(directory: str, step: int, variables_like: Any) -> dict[str, Any]:
     """Restore only the model variables ({"params", "batch_stats"}) at ``step``, with the
-    shapes, dtypes and shardings of ``variables_like``."""
+    shapes, dtypes and shardings of ``variables_like``, verified against their checksums
+    (:class:`CorruptCheckpointError` if one differs)."""
     item = ocp.args.StandardRestore(_abstract(variables_like))
-    restored, _ = _restore_items(directory, step, **{MODEL: item})
-    return dict(restored[MODEL])
+    restored, step, steps = _restore_items(directory, step, **{MODEL: item})
+    variables = dict(restored[MODEL])
+    _verify(directory, step, restored[META], variables, steps)
+    return variables
 
 
 def save_variables(
@@ -207,15 +347,16 @@ def save_variables(
     """Write a checkpoint holding only model variables and metadata (no optimizer state).
 
     Used by converters: ``eval.py --checkpoint DIRECTORY`` evaluates it directly, and training
-    can start from it.
+    can start from it. ``meta`` gets ``step`` and the variables' checksums.
     """
+    meta = {**meta, "step": step, CHECKSUMS: checksums(dict(variables))}
     manager = _manager(directory, create=True)
     manager.save(
         step,
         args=ocp.args.Composite(
             **{
                 MODEL: ocp.args.StandardSave(dict(variables)),
-                META: ocp.args.JsonSave(dict(meta)),
+                META: ocp.args.JsonSave(meta),
             }
         ),
         force=True,

@@ -359,15 +359,21 @@ def _corrupt(step_dir):
     assert hit
 
 
-def test_corrupt_checkpoint_is_a_clear_error_and_the_older_one_survives(tmp_path):
+def test_unreadable_checkpoint_is_set_aside_and_the_older_one_resumed(tmp_path):
     workdir = str(tmp_path)
     train_and_evaluate(small_config(num_train_steps=4, checkpoint_every_steps=2), workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     _corrupt(os.path.join(ckpt_dir, "4"))
-    with pytest.raises(checkpoint.CheckpointError, match=r"step 4.*fall back to step 2"):
-        train_and_evaluate(small_config(num_train_steps=6, checkpoint_every_steps=2), workdir)
-    assert sorted(os.listdir(ckpt_dir)) == ["2", "4"]
-    assert restore_state(workdir, small_config(), step=2)[2]["step"] == 2
+    train_and_evaluate(small_config(num_train_steps=6, checkpoint_every_steps=2), workdir)
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "4", "6"]
+    assert os.listdir(os.path.join(workdir, "checkpoints_corrupt")) == ["4"]
+    assert restore_state(workdir, small_config())[2]["step"] == 6
+    # When no checkpoint can be restored, training stops and nothing is moved.
+    for step in (2, 4, 6):
+        _corrupt(os.path.join(ckpt_dir, str(step)))
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint .* can be restored.*6"):
+        train_and_evaluate(small_config(num_train_steps=8, checkpoint_every_steps=2), workdir)
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "4", "6"]
 
 
 def test_partial_checkpoint_is_never_resumed_from(tmp_path):

@@ -32,8 +32,9 @@ def restore(path: str, mesh: jax.sharding.Mesh, config: Any | None = None) -> Re
     replicated over ``mesh``.
 
     Without ``config`` the training config stored in the checkpoint is used. Raises
-    :class:`~aig_jax.checkpoint.CheckpointError` when there is no checkpoint or ``config``
-    describes another model, and ``ValueError`` when its dataset has another class count.
+    :class:`~aig_jax.checkpoint.CheckpointError` when there is no checkpoint, its data is
+    corrupt (no fallback to another step) or ``config`` describes another model, and
+    ``ValueError`` when its dataset has another class count.
     """
     meta, directory, step = checkpoint.read_meta(path)
     if "model" not in meta:

@@ -125,22 +125,57 @@ class LoopTimer:
         return out
 
 
+def _restore_checked(
+    ckpt: checkpoint.Checkpointer, state: TrainState, spec: ModelSpec, step: int
+) -> TrainState:
+    """The state saved at ``step``, verified; :class:`~aig_jax.checkpoint.CheckpointError`
+    if it is for another model."""
+    meta, _, _ = checkpoint.read_meta(os.path.join(ckpt.directory, str(step)))
+    problem = spec.mismatch(ModelSpec.from_json(meta["model"]))
+    if problem:
+        raise checkpoint.CheckpointError(
+            f"the checkpoint in {ckpt.directory} is for another model: {problem}"
+        )
+    variables, opt_state, meta = ckpt.restore(state.variables, state.opt_state, step)
+    restored_step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state.step.sharding)
+    return TrainState(restored_step, variables["params"], variables["batch_stats"], opt_state)
+
+
+def _resume(ckpt: checkpoint.Checkpointer, state: TrainState, spec: ModelSpec) -> TrainState:
+    """Restore the newest checkpoint that verifies, moving newer corrupt ones aside.
+
+    Corrupt checkpoints (unreadable, or an array that does not match its checksum) newer than
+    the one restored move to ``<workdir>/checkpoints_corrupt/``: kept for inspection, out of
+    the rotated directory, and their steps free to be saved again. When none restores nothing
+    moves, and a :class:`~aig_jax.checkpoint.CheckpointError` names the newest one's problem.
+    """
+    corrupt: list[tuple[int, checkpoint.CorruptCheckpointError]] = []
+    for step in reversed(ckpt.all_steps()):
+        try:
+            restored = _restore_checked(ckpt, state, spec, step)
+        except checkpoint.CorruptCheckpointError as err:
+            logging.warning("%s", err)
+            corrupt.append((step, err))
+            continue
+        for bad, _ in corrupt:
+            logging.warning(
+                "checkpoint step %d is corrupt: moved to %s; resuming from step %d",
+                bad, ckpt.set_aside(bad), step,
+            )  # fmt: skip
+        logging.info("resuming from step %d in %s", step, ckpt.directory)
+        return restored
+    raise checkpoint.CheckpointError(
+        f"no checkpoint in {ckpt.directory} can be restored; the newest: {corrupt[0][1]}"
+    )
+
+
 def _restore_or_init(
     ckpt: checkpoint.Checkpointer, state: TrainState, spec: ModelSpec, config: Any
 ) -> TrainState:
-    """Resume from the newest checkpoint, else start from ``config.init_from``, else ``state``."""
-    latest = ckpt.latest_step()
-    if latest is not None:
-        meta, _, _ = checkpoint.read_meta(os.path.join(ckpt.directory, str(latest)))
-        problem = spec.mismatch(ModelSpec.from_json(meta["model"]))
-        if problem:
-            raise checkpoint.CheckpointError(
-                f"the checkpoint in {ckpt.directory} is for another model: {problem}"
-            )
-        variables, opt_state, meta = ckpt.restore(state.variables, state.opt_state, latest)
-        logging.info("resuming from step %d in %s", meta["step"], ckpt.directory)
-        step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state.step.sharding)
-        return TrainState(step, variables["params"], variables["batch_stats"], opt_state)
+    """Resume from the newest good checkpoint, else start from ``config.init_from``, else
+    ``state``."""
+    if ckpt.all_steps():
+        return _resume(ckpt, state, spec)
     if config.init_from:
         meta, directory, step = checkpoint.read_meta(config.init_from)
         problem = spec.mismatch(ModelSpec.from_json(meta["model"]))
@@ -226,6 +261,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         state = jax.jit(init, out_shardings=replicated(mesh))()
         state = _restore_or_init(ckpt, state, spec, config)
         start = int(state.step)
+        writer.drop_after(start)  # the records of steps this run replays
         train_step = compile_together(
             make_train_step(
                 model,

@@ -2,6 +2,8 @@
 
 Only process 0 writes. Each JSON line is ``{"step": int, "kind": "train" | "eval", ...}``;
 lists (per-block execution rates) are written whole to JSON and element-wise to TensorBoard.
+A resumed run first drops the records of the steps it replays (:meth:`MetricsWriter.drop_after`),
+and :func:`read_metrics` keeps the last record of each step, so every step appears once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 
 def _jsonable(value: Any) -> Any:
@@ -60,17 +63,57 @@ class MetricsWriter:
                         self._tb.add_scalar(f"{kind}/{name}/{i:03d}", v, step)
             self._tb.flush()
 
+    def drop_after(self, step: int) -> None:
+        """Remove the JSON records of steps after ``step``, and lines cut short by a kill, so
+        that a run resumed at ``step`` does not log the steps it replays twice."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        records = [(line, _parse(line)) for line in lines]
+        kept = [line.rstrip("\n") + "\n" for line, r in records if r and r["step"] <= step]
+        if kept == lines:
+            return
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+        logging.info(
+            "%s: dropped %d records after step %d", self.path, len(lines) - len(kept), step
+        )
+
     def close(self) -> None:
         """Flush and close TensorBoard files."""
         if self._tb is not None:
             self._tb.close()
 
 
+def _parse(line: str) -> dict[str, Any] | None:
+    """The record of one JSON line; None for a blank or unreadable one (cut short by a kill)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
-    """All records of ``<workdir>/metrics.jsonl`` (optionally only one ``kind``)."""
+    """The records of ``<workdir>/metrics.jsonl`` (optionally only one ``kind``), in order.
+
+    A step logged again by a resumed run counts once: the last record of each (step, kind,
+    gate mode) wins. A last line cut short by a kill is left out; any other line that is not
+    JSON is a ``ValueError`` naming it.
+    """
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
+    latest: dict[tuple, dict[str, Any]] = {}
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if kind is None or r["kind"] == kind]
+        for number, line in enumerate(f, 1):
+            record = _parse(line)
+            if record is None:
+                if line.strip() and line.endswith("\n"):
+                    raise ValueError(f"{path} line {number} is not a JSON record: {line[:80]!r}")
+                continue
+            key = (record["step"], record["kind"], record.get("gate_mode"))
+            latest.pop(key, None)  # re-inserted: ordered by the last record
+            latest[key] = record
+    return [r for r in latest.values() if kind is None or r["kind"] == kind]
