@@ -16,6 +16,7 @@ import pytest
 
 from aig_jax import checkpoint
 from aig_jax.data import eval_iterator, make_source
+from aig_jax.errors import DataError
 from aig_jax.eval.predict import predict
 from aig_jax.eval.step import make_eval_step
 from aig_jax.model.spec import ModelSpec
@@ -411,7 +412,7 @@ def test_invalid_config_names_the_field(field, value, match):
 def test_missing_data_directory_is_named(tmp_path):
     missing = str(tmp_path / "nowhere")
     config = small_config(dataset__source="npz", dataset__data_dir=missing)
-    with pytest.raises(FileNotFoundError, match=missing):
+    with pytest.raises(DataError, match=missing):
         train_and_evaluate(config, str(tmp_path / "run"))
 
 
