@@ -30,6 +30,7 @@ import numpy as np
 
 from aig_jax.data import Source, eval_iterator, eval_transform, make_source, num_eval_batches
 from aig_jax.data.sources import ArraySource
+from aig_jax.errors import DataError
 from aig_jax.eval import calibration, gate_stats, plots
 from aig_jax.eval.attacks import attack_split, jpeg, make_attack_step
 from aig_jax.eval.predict import Predictions, predict, summarize
@@ -82,7 +83,7 @@ class EvalContext:
         progress: bool = True,
         eval_step_factory: EvalStepFactory = make_eval_step,
     ) -> EvalContext:
-        """Check the batch size and the split's classes, and compile nothing yet.
+        """Check the batch size and the split's classes and size, and compile nothing yet.
 
         ``batch_size`` defaults to ``config.eval_batch_size``; the split is
         ``config.dataset.eval_split``.
@@ -90,6 +91,11 @@ class EvalContext:
         batch = batch_size or config.eval_batch_size
         check_batch_size(batch, mesh)
         source = make_source(config.dataset, config.dataset.eval_split)
+        if len(source) == 0:
+            raise DataError(
+                f"evaluation split {config.dataset.eval_split!r} of dataset "
+                f"{config.dataset.get('name')!r} (source {config.dataset.source!r}) is empty"
+            )
         check_classes(source, spec, f"dataset split {config.dataset.eval_split!r}")
         step = compile_together(eval_step_factory(model, mesh), "eval_step")
         cost = model_cost(model, config.dataset.image_size)
