@@ -1,14 +1,15 @@
 """What ``train.py`` and ``eval.py`` share: checked ``--config.*`` overrides and one-line errors.
 
-``run(main)`` replaces ``absl.app.run(main)``: an override of a field the config does not have
-(``--config.foo=1``) is a :class:`~aig_jax.errors.ConfigError` that suggests the closest field
-names, and any :class:`~aig_jax.errors.UserError` ends the program with one ``error: …`` line
-(see :func:`~aig_jax.errors.exit_on_user_error`).
+``run(main)`` replaces ``absl.app.run(main)``: a missing ``--config`` file, or an override of a
+field the config does not have (``--config.foo=1``), is a :class:`~aig_jax.errors.ConfigError`
+(that suggests the closest field names), and any :class:`~aig_jax.errors.UserError` ends the
+program with one ``error: …`` line (see :func:`~aig_jax.errors.exit_on_user_error`).
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -52,10 +53,12 @@ def _config_path(argv: list[str]) -> str | None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """Parse ``argv`` like absl does, first checking every ``--config.NAME`` override
-    against the fields of the ``--config`` file."""
+    """Parse ``argv`` like absl does, first checking that the ``--config`` file exists and
+    that every ``--config.NAME`` override is one of its fields."""
     names = [a[len(_PREFIX) :].split("=")[0] for a in argv[1:] if a.startswith(_PREFIX)]
     path = _config_path(argv)
+    if path is not None and not os.path.isfile(path.split(":", 1)[0]):  # FILE[:ARGUMENT]
+        raise ConfigError(f"--config {path}: no such config file")
     if names and path is not None and "config" in flags.FLAGS:
         check_override_names(flags.FLAGS["config"].parser.parse(path), names)
     return flags.FLAGS(argv)

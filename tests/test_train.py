@@ -673,10 +673,13 @@ def test_finished_workdir_has_nothing_to_do_and_a_shorter_config_is_refused(
     assert [m["step"] for m in read_metrics(workdir, "train")] == [1, 2]
 
 
-def test_train_py_names_an_unknown_config_field_and_the_closest_ones(tmp_path):
+def test_train_py_names_a_missing_config_file_or_field_and_the_closest_ones(tmp_path):
     proc = run_cli(*_tiny_command(str(tmp_path / "run"), "--config.learning_rat=0.1"))
     line = user_error_line(proc)
     assert "no field 'learning_rat'" in line and "did you mean --config.learning_rate" in line
     assert not os.path.exists(tmp_path / "run")
+    missing = str(tmp_path / "nope.py")
+    proc = run_cli("train.py", f"--config={missing}", f"--workdir={tmp_path / 'run'}")
+    assert user_error_line(proc) == f"error: --config {missing}: no such config file"
     with pytest.raises(ConfigError, match=r"'dataset.sorce'.*--config.dataset.source"):
         check_override_names(small_config(), ["batch_size", "dataset.sorce"])
