@@ -30,7 +30,7 @@ import numpy as np
 
 from aig_jax.data import Source, eval_iterator, eval_transform, make_source, num_eval_batches
 from aig_jax.data.sources import ArraySource
-from aig_jax.errors import DataError
+from aig_jax.errors import ConfigError, DataError
 from aig_jax.eval import calibration, gate_stats, plots
 from aig_jax.eval.attacks import attack_split, jpeg, make_attack_step
 from aig_jax.eval.predict import Predictions, predict, summarize
@@ -45,9 +45,10 @@ EvalStepFactory = Callable[[nn.Module, jax.sharding.Mesh], EvalStep]
 
 
 def check_classes(source: Source, spec: ModelSpec, where: str) -> None:
-    """Raise ``ValueError`` unless ``source`` has the model's number of classes."""
+    """Raise :class:`ConfigError` (a ``ValueError``) unless ``source`` has the model's number
+    of classes."""
     if source.num_classes != spec.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"{where} has {source.num_classes} classes but the checkpoint's model "
             f"{spec.name} predicts {spec.num_classes}"
         )
@@ -365,7 +366,7 @@ class Attack:
     ) -> None:
         _needs_thresholds(mode, thresholds)
         if not 1 <= jpeg_quality <= 100:
-            raise ValueError(f"JPEG quality must be in [1, 100], got {jpeg_quality}")
+            raise ConfigError(f"JPEG quality must be in [1, 100], got {jpeg_quality}")
         self.ctx, self.mode, self.thresholds = ctx, mode, thresholds
         self.epsilons, self.steps, self.jpeg_quality = tuple(epsilons), steps, jpeg_quality
 

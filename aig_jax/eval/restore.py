@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from aig_jax import checkpoint
-from aig_jax.errors import NonFiniteError
+from aig_jax.errors import ConfigError, NonFiniteError
 from aig_jax.model.spec import ModelSpec
 from aig_jax.model.variables import abstract_variables
 from aig_jax.sharding import replicated
@@ -35,8 +35,9 @@ def restore(path: str, mesh: jax.sharding.Mesh, config: Any | None = None) -> Re
 
     Without ``config`` the training config stored in the checkpoint is used. Raises
     :class:`~aig_jax.checkpoint.CheckpointError` when there is no checkpoint or ``config``
-    describes another model, ``ValueError`` when its dataset has another class count, and
-    :class:`~aig_jax.errors.NonFiniteError` when a variable holds NaN or infinity.
+    describes another model, :class:`~aig_jax.errors.ConfigError` (a ``ValueError``) when its
+    dataset has another class count, and :class:`~aig_jax.errors.NonFiniteError` when a
+    variable holds NaN or infinity.
     """
     meta, directory, step = checkpoint.read_meta(path)
     if "model" not in meta:
@@ -47,7 +48,7 @@ def restore(path: str, mesh: jax.sharding.Mesh, config: Any | None = None) -> Re
     else:
         classes = config.dataset.num_classes
         if classes != spec.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset {config.dataset.name!r} has config.dataset.num_classes = {classes} "
                 f"but the checkpoint's model {spec.name} predicts {spec.num_classes} classes"
             )
