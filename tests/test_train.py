@@ -26,15 +26,17 @@ from aig_jax.eval.step import make_eval_step
 from aig_jax.model.spec import ModelSpec
 from aig_jax.sharding import make_mesh, replicate, shard_batch
 from aig_jax.train import loop
+from aig_jax.train import workdir as workdir_lock
 from aig_jax.train.config_checks import validate_config
 from aig_jax.train.loop import LoopTimer, train_and_evaluate
 from aig_jax.train.metrics import read_metrics
 from aig_jax.train.optim import gate_mask, learning_rate_schedule, make_optimizer
 from aig_jax.train.state import create_train_state
 from aig_jax.train.step import make_train_step
-from aig_jax.train.workdir import LOCK_FILE
 from configs import default, tiny
 from tests.conftest import HANG_GUARD_S, REPO, SHARED_DATA, run_cli, user_error_line
+
+LOCK = workdir_lock.LOCK_FILE
 
 # Small enough for CPU: 8×8 synthetic images, batch 16, ResNet-8 with every block gated.
 SMALL = {
@@ -306,7 +308,7 @@ def test_sigterm_saves_the_current_step_and_rerun_resumes(tmp_path):
     out, _ = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 0, out.decode()[-3000:]
     assert b"rerun the same command to resume" in out
-    assert not os.path.exists(os.path.join(workdir, LOCK_FILE))  # released on SIGTERM
+    assert not os.path.exists(os.path.join(workdir, LOCK))  # released on SIGTERM
     # The train step went to the compilation cache, for the rerun to load.
     assert any(name.startswith("jit_step") for name in os.listdir(tmp_path / "xla"))
     last = read_metrics(workdir, "train")[-1]["step"]
@@ -550,7 +552,7 @@ def test_divergence_stops_at_the_step_and_keeps_the_last_finite_checkpoint(tmp_p
     logged = read_metrics(workdir, "train")
     assert [m["step"] for m in logged] == list(range(1, step))
     assert all(np.isfinite(m["loss"]) for m in logged)
-    assert not os.path.exists(os.path.join(workdir, LOCK_FILE))  # released on the error
+    assert not os.path.exists(os.path.join(workdir, LOCK))  # released on the error
 
 
 def test_skip_step_keeps_the_state_of_a_nonfinite_batch():
@@ -608,7 +610,7 @@ def no_compiling(monkeypatch):
 def _write_lock(workdir, pid, host):
     os.makedirs(workdir, exist_ok=True)
     record = {"pid": pid, "host": host, "started": "2026-01-01T00:00:00+00:00"}
-    with open(os.path.join(workdir, LOCK_FILE), "w") as f:
+    with open(os.path.join(workdir, LOCK), "w") as f:
         json.dump(record, f)
     return record
 
@@ -619,8 +621,8 @@ def test_a_live_run_holds_its_workdir(tmp_path, no_compiling):
     match = rf"in use by pid {os.getpid()} on host .* since 2026-01-01.*another --workdir"
     with pytest.raises(WorkdirError, match=match):
         train_and_evaluate(small_config(num_train_steps=1), workdir)
-    assert os.listdir(workdir) == [LOCK_FILE]  # nothing written, the holder's lock kept
-    with open(os.path.join(workdir, LOCK_FILE)) as f:
+    assert os.listdir(workdir) == [LOCK]  # nothing written, the holder's lock kept
+    with open(os.path.join(workdir, LOCK)) as f:
         assert json.load(f) == record
 
 
@@ -631,7 +633,18 @@ def test_a_dead_runs_lock_is_taken_over_and_released(tmp_path):
     _write_lock(workdir, dead.pid, socket.gethostname())
     train_and_evaluate(small_config(num_train_steps=1), workdir)
     assert restore_state(workdir, small_config())[2]["step"] == 1
-    assert not os.path.exists(os.path.join(workdir, LOCK_FILE))
+    assert not os.path.exists(os.path.join(workdir, LOCK))
+
+
+def test_a_stale_lock_replaced_meanwhile_by_a_new_run_is_not_removed(tmp_path):
+    """Two runs read the same dead holder; the faster one took the lock over: the slower one's
+    take-over leaves the new lock in place (and then refuses, naming its holder)."""
+    stale = {"pid": 2**22 + 1, "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}
+    record = _write_lock(str(tmp_path), os.getpid(), socket.gethostname())
+    workdir_lock._take_over(str(tmp_path / LOCK), stale)
+    assert os.listdir(tmp_path) == [LOCK]
+    with open(tmp_path / LOCK) as f:
+        assert json.load(f) == record
 
 
 # --------------------------------------------------------------- checks before compiling

@@ -63,6 +63,27 @@ def _create(path: str, record: dict[str, Any]) -> bool:
     return True
 
 
+def _take_over(path: str, stale: dict[str, Any]) -> None:
+    """Remove the lock ``stale`` of a dead process, unless another run replaced it meanwhile.
+
+    The lock is moved aside (an atomic rename) and checked there, so of two runs taking over
+    the same stale lock, the slower one does not delete the faster one's new lock.
+    """
+    aside = f"{path}.stale.{os.getpid()}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # another run moved it first
+        return
+    if _read(aside) != stale:  # a new run's lock: put it back
+        os.rename(aside, path)
+        return
+    logging.warning(
+        "took over %s: pid %d (started %s) no longer runs",
+        path, stale["pid"], stale.get("started"),
+    )  # fmt: skip
+    os.remove(aside)
+
+
 def _acquire(path: str, record: dict[str, Any]) -> None:
     """Create the lock, taking over one left by a dead process of this host."""
     while not _create(path, record):
@@ -75,12 +96,7 @@ def _acquire(path: str, record: dict[str, Any]) -> None:
                 "delete it if no run uses this workdir"
             )
         if holder.get("host") == record["host"] and not _running(holder["pid"]):
-            logging.warning(
-                "taking over %s: pid %d (started %s) no longer runs",
-                path, holder["pid"], holder.get("started"),
-            )  # fmt: skip
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+            _take_over(path, holder)
             continue
         raise WorkdirError(
             f"workdir {os.path.dirname(path)} is in use by pid {holder['pid']} on host "
