@@ -12,7 +12,6 @@ Each part of the report is an evaluator of :mod:`aig_jax.eval.evaluators`, compo
 """
 
 import os
-import sys
 from typing import Any
 
 import jax
@@ -20,8 +19,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from aig_jax.checkpoint import CheckpointError
+from aig_jax import cli
 from aig_jax.compilation_cache import DEFAULT_DIR, use_compilation_cache
+from aig_jax.errors import ConfigError
 from aig_jax.eval.evaluators import (
     Attack,
     Calibration,
@@ -71,7 +71,7 @@ def evaluate() -> dict[str, Any]:
     for mode in (*_MODES.value, _ATTACK_MODE.value):
         check_gate_mode(mode)
     if _SAMPLES.value < 1:
-        raise ValueError(f"--samples must be >= 1, got {_SAMPLES.value}")
+        raise ConfigError(f"--samples must be >= 1, got {_SAMPLES.value}")
     config = _CONFIG.value
     mesh = make_mesh((config.num_devices or None) if config is not None else None)
     restored = restore(_WORKDIR.value or _CHECKPOINT.value, mesh, config)
@@ -134,10 +134,7 @@ def main(argv: list[str]) -> None:
     if _MULTIHOST.value:
         jax.distributed.initialize()
     use_compilation_cache(_CACHE.value)
-    try:
-        report = evaluate()
-    except (CheckpointError, ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    report = evaluate()
     rows = dict(report["modes"])
     if "baseline" in report:
         rows["baseline"] = report["baseline"]
@@ -159,4 +156,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -4,13 +4,15 @@
         [--config.target_rate=0.5] [--multihost [--coordinator_address=HOST:PORT
         --num_processes=N --process_id=I]]
 
-Rerunning the same command resumes from the newest checkpoint in ``--workdir``.
+Rerunning the same command resumes from the newest checkpoint in ``--workdir``. A bad config,
+dataset or workdir, or a diverged run, ends with one ``error: …`` line and exit status 2.
 """
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from aig_jax import cli
 from aig_jax.compilation_cache import DEFAULT_DIR, use_compilation_cache
 from aig_jax.train.loop import train_and_evaluate
 
@@ -56,4 +58,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

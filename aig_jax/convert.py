@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from aig_jax.checkpoint import CheckpointError, load_variables, read_meta, save_variables
+from aig_jax.errors import ConfigError, UserError, WorkdirError, exit_on_user_error
 from aig_jax.interop.pytorch import (
     Converted,
     Naming,
@@ -52,7 +53,7 @@ def detect_naming(state_dict: Mapping[str, np.ndarray]) -> Naming:
         return "reference"
     if "fc.weight" in state_dict:
         return "torchvision"
-    raise ValueError(
+    raise ConfigError(
         "cannot tell the naming: the state dict has neither 'linear.weight' (reference) nor "
         "'fc.weight' (torchvision); pass --from"
     )
@@ -84,7 +85,7 @@ def to_orbax(
     ``naming`` defaults to :func:`detect_naming`. Returns the stored spec and the conversion.
     """
     if os.path.exists(dst) and os.listdir(dst):
-        raise ValueError(f"{dst} is not empty; convert into a new directory")
+        raise WorkdirError(f"{dst} is not empty; convert into a new directory")
     state_dict = load_torch_state_dict(src)
     naming = naming or detect_naming(state_dict)
     head = state_dict.get("linear.weight" if naming == "reference" else "fc.weight")
@@ -94,7 +95,7 @@ def to_orbax(
     spec = ModelSpec(name=model, num_classes=num_classes, rates=rates)
     net = spec.build()
     if not isinstance(net, ResNet):
-        raise ValueError(
+        raise ConfigError(
             f"model {model!r} is not an aig_jax.model.resnet.ResNet; it cannot be converted"
         )
     if naming == "reference":
@@ -118,7 +119,7 @@ def to_torch(src: str, dst: str) -> tuple[ModelSpec, tuple[str, ...]]:
     spec = ModelSpec.from_json(meta["model"])
     net = spec.build()
     if not isinstance(net, ResNet):
-        raise ValueError(f"model {spec.name!r} is not an aig_jax.model.resnet.ResNet")
+        raise ConfigError(f"model {spec.name!r} is not an aig_jax.model.resnet.ResNet")
     variables = load_variables(directory, step, abstract_variables(net))
     save_torch_state_dict(dst, to_reference_state_dict(variables, net))
     return spec, tuple(info.name for info in net.block_infos() if not info.gated)
@@ -177,8 +178,10 @@ def _run(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+@exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns 0, or exits with one
+    ``error: …`` line and status 2 on a bad input (see :func:`exit_on_user_error`)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.to_torch and (args.model or args.target_rates or args.target_rate is not None):
@@ -187,9 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--model is required unless --to-torch is given")
     try:
         lines = _run(args)
-    except (ValueError, ImportError, OSError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ImportError, OSError) as err:  # no PyTorch, or an unreadable file
+        raise UserError(str(err)) from err
     print("\n".join(lines))
     return 0
 

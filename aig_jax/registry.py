@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from aig_jax.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -40,7 +42,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown {self.kind} {name!r}; known: {sorted(self._items)}"
             ) from None
 

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from aig_jax.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -25,7 +27,7 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """A 1-D ``('data',)`` mesh over all devices (or the first ``num_devices``)."""
     n = jax.device_count() if num_devices is None else num_devices
     if not 1 <= n <= jax.device_count():
-        raise ValueError(f"num_devices must be in [1, {jax.device_count()}], got {n}")
+        raise ConfigError(f"num_devices must be in [1, {jax.device_count()}], got {n}")
     devices = jax.devices()[:n]
     return jax.make_mesh(
         (n,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices
@@ -46,7 +48,7 @@ def check_batch_size(global_batch: int, mesh: jax.sharding.Mesh) -> None:
     """Raise ``ValueError`` unless ``global_batch`` splits evenly over devices and processes."""
     devices, processes = mesh.devices.size, jax.process_count()
     if global_batch % devices or global_batch % processes:
-        raise ValueError(
+        raise ConfigError(
             f"batch size {global_batch} is not divisible by the {devices} devices "
             f"({processes} processes) of the mesh"
         )

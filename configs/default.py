@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmup_epochs = 0.0
     c.gate_lr_factor = 1.0  # the reference's --lrfact
     c.gate_lr_params = "fc2"  # which gate parameters get it: fc2 | gate | none
+    c.on_nonfinite = "stop"  # a NaN/inf loss or gradient: stop | skip_step (keep the state)
 
     # Bookkeeping.
     c.seed = 0

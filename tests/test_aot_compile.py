@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import aot_compile  # noqa: E402  (bench/ is not a package)
 
+from tests.conftest import HANG_GUARD_S  # noqa: E402
+
 
 def _run(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -23,7 +25,7 @@ def _run(*args):
         env=env,
         capture_output=True,
         text=True,
-        timeout=1800,  # a hang guard only: the run's time depends on the host's load
+        timeout=HANG_GUARD_S,
     )
 
 

@@ -16,6 +16,7 @@ import model_bench  # noqa: E402
 import table  # noqa: E402
 
 import bench  # noqa: E402  (bench/ is not a package)
+from tests.conftest import HANG_GUARD_S  # noqa: E402
 
 
 def _positive(value):
@@ -31,7 +32,7 @@ def _run_bench(*args):
         env=env,
         capture_output=True,
         text=True,
-        timeout=1800,  # a hang guard only: the run's time depends on the host's load
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from tests.conftest import HANG_GUARD_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Run in a fresh interpreter: JAX's cache directory is process-wide and set by conftest here.
@@ -31,7 +33,7 @@ def _run(directory, env_dir=None):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -79,7 +81,7 @@ def test_turning_the_cache_off_after_a_compile_stops_writes_and_on_again_resumes
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, off, on_again = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -30,6 +30,7 @@ from aig_jax.model.blocks import BasicBlock, Bottleneck
 from aig_jax.model.resnet import CIFAR_WIDTHS, IMAGENET_WIDTHS, ResNet, build_model, cifar_resnet
 from aig_jax.model.spec import ModelSpec
 from aig_jax.model.variables import abstract_variables
+from tests.conftest import run_cli, user_error_line
 
 torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install -e .[torch]")
 F = torch.nn.functional
@@ -416,8 +417,10 @@ def test_cli_converts_a_reference_checkpoint_and_back(tmp_path, capsys):
             torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
     assert exported["layer1.0.fc2.bias"].tolist() == [-1e4, 1e4]
 
-    # The same checkpoint into a deeper model: an error listing the missing keys, exit status 1.
-    assert main([str(src), str(tmp_path / "other"), "--model", "resnet14_cifar"]) == 1
+    # The same checkpoint into a deeper model: an error listing the missing keys, exit status 2.
+    with pytest.raises(SystemExit) as exit_:
+        main([str(src), str(tmp_path / "other"), "--model", "resnet14_cifar"])
+    assert exit_.value.code == 2
     assert "missing keys: layer1.1.conv1.weight" in capsys.readouterr().err
 
 
@@ -439,6 +442,11 @@ def test_cli_converts_a_bare_torchvision_state_dict_with_fresh_gates(tmp_path, c
     np.testing.assert_array_equal(fc, net.fc.weight.detach().numpy().T)
     assert "gate" in restored["params"]["stage4_block1"]
     assert "gate" not in restored["params"]["stage4_block0"]
+
+
+def test_cli_prints_a_missing_checkpoint_as_one_error_line(tmp_path):
+    proc = run_cli("-m", "aig_jax.convert", "--to-torch", str(tmp_path / "none"), "out.pth")
+    assert user_error_line(proc) == f"error: no checkpoint directory at {tmp_path / 'none'}"
 
 
 def test_torch_is_optional_and_not_imported_by_the_package(monkeypatch, tmp_path):

@@ -15,6 +15,7 @@ from aig_jax.data import (
     train_transform,
 )
 from aig_jax.data.sources import ArraySource
+from aig_jax.errors import DataError
 from tests.conftest import SHARED_DATA
 
 CIFAR_DIR = os.path.join(SHARED_DATA, "cifar10")
@@ -112,22 +113,38 @@ GOOD_LABELS = np.arange(4, dtype=np.uint8)
         (GOOD_IMAGES[..., 0], GOOD_LABELS, r"\[4, 8, 8\], expected uint8 \[N, H, W, 3\]"),
         (GOOD_IMAGES, GOOD_LABELS[:3], r"'label' has shape \[3\], expected \[4\]"),
         (GOOD_IMAGES, np.array([0, 1, 10, 2]), r"x_train\.npz: label 10 outside \[0, 10\)"),
+        (GOOD_IMAGES, np.array([0, 1.7, 2, 3]), r"x_train\.npz: labels are float64, expected int"),
     ],
-    ids=["float-images", "rank-3", "label-length", "label-range"],
+    ids=["float-images", "rank-3", "label-length", "label-range", "float-labels"],
 )
 def test_npz_rejects_bad_shards(tmp_path, images, labels, match):
     write_shard(tmp_path / "x_train.npz", images, labels)
     cfg = make_cfg(source="npz", data_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(DataError, match=match):
         make_source(cfg, "train")
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [("garbage", r"is not a readable \.npz archive"), ("npy", r"is a single \.npy array")],
+)
+def test_npz_file_that_is_not_an_archive_is_named(tmp_path, kind, match):
+    path = tmp_path / "x_train.npz"
+    with open(path, "wb") as f:
+        if kind == "npy":
+            np.save(f, GOOD_IMAGES)
+        else:
+            f.write(b"not an archive")
+    with pytest.raises(DataError, match=rf"{path} {match}"):
+        make_source(make_cfg(source="npz", data_dir=str(tmp_path)), "train")
 
 
 def test_npz_missing_or_empty_directory(tmp_path):
     missing = make_cfg(source="npz", data_dir=str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match=r"nope' is not a directory"):
+    with pytest.raises(DataError, match=r"nope' is not a directory"):
         make_source(missing, "train")
     write_shard(tmp_path / "x_test.npz", GOOD_IMAGES, GOOD_LABELS)
-    with pytest.raises(FileNotFoundError, match=r"no file in .* matches .*split 'train'"):
+    with pytest.raises(DataError, match=r"no file in .* matches .*split 'train'"):
         make_source(make_cfg(source="npz", data_dir=str(tmp_path)), "train")
 
 
@@ -424,7 +441,7 @@ def test_tfds_cifar10_end_to_end_with_mock_data(tmp_path):
 def test_tfds_unprepared_dataset_says_how_to_build_it(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     cfg = make_cfg(source="tfds", name="cifar10", data_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"tfds build cifar10 --file_format=array_record"):
+    with pytest.raises(DataError, match=r"tfds build cifar10 --file_format=array_record"):
         make_source(cfg, "train")
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from aig_jax.train.loop import train_and_evaluate
 from aig_jax.train.metrics import read_metrics
-from tests.test_train import REPO, assert_trees_close, restore_state, small_config
+from tests.conftest import HANG_GUARD_S, REPO
+from tests.test_train import assert_trees_close, restore_state, small_config
 
 
 def distributed_config():
@@ -48,7 +49,7 @@ def test_two_processes_end_with_the_parameters_of_one(tmp_path):
                     stderr=subprocess.STDOUT,
                 )
             )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG_GUARD_S  # a hang guard, not a speed requirement
     # Stop both as soon as one fails: the other would wait for it in a collective.
     while time.monotonic() < deadline and not all(p.poll() == 0 for p in procs):
         if any(p.poll() not in (None, 0) for p in procs):

@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from aig_jax.checkpoint import CheckpointError
+from aig_jax.checkpoint import CheckpointError, save_variables
 from aig_jax.data import eval_iterator, eval_transform, make_source
 from aig_jax.eval import calibration, gate_stats
 from aig_jax.eval.evaluators import Classification, EvalContext
@@ -18,7 +18,11 @@ from aig_jax.eval.restore import restore
 from aig_jax.eval.step import make_eval_step
 from aig_jax.model.flops import model_cost
 from aig_jax.model.resnet import build_model
+from aig_jax.model.spec import ModelSpec
+from aig_jax.model.variables import abstract_variables
 from aig_jax.sharding import make_mesh
+from configs import tiny
+from tests.conftest import run_cli, user_error_line
 from tests.tiny_checkpoint import save_ungated_copy, trained_tiny, without_gates
 
 
@@ -202,6 +206,21 @@ def test_clear_errors_for_missing_checkpoints_other_models_and_class_counts(trai
     with pytest.raises(ValueError, match="unknown gate mode 'greedy'"):
         _eval_py([f"--workdir={workdir}", "--modes=argmax,greedy"])
     assert not os.path.exists(os.path.join(workdir, "report"))
+
+
+def test_eval_py_refuses_a_checkpoint_with_nan_weights_naming_the_variable(tmp_path):
+    """A diverged run's weights: one error line (exit 2) before anything is compiled."""
+    config = tiny.get_config()
+    spec = ModelSpec.from_config(config)
+    shapes = abstract_variables(spec.build(), (16, 16, 3))
+    variables = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
+    variables["params"]["linear"]["bias"][3] = np.nan
+    save_variables(
+        str(tmp_path), 7, variables, {"model": spec.to_json(), "config": config.to_dict()}
+    )
+    line = user_error_line(run_cli("eval.py", f"--checkpoint={tmp_path}"))
+    assert f"checkpoint {tmp_path} step 7 holds nan in ['params']['linear']['bias']" in line
+    assert not os.path.exists(tmp_path / "report")
 
 
 def test_calibrated_classification_needs_thresholds(trained):

@@ -1,8 +1,11 @@
-"""Training: optimizer semantics, sharded steps, resume, signals, checkpoints and bad input."""
+"""Training: optimizer semantics, sharded steps, resume, signals, checkpoints, divergence, the
+workdir lock and bad input."""
 
 import functools
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,11 +18,15 @@ import optax
 import pytest
 
 from aig_jax import checkpoint
+from aig_jax.cli import check_override_names
 from aig_jax.data import eval_iterator, make_source
+from aig_jax.errors import ConfigError, DataError, WorkdirError
 from aig_jax.eval.predict import predict
 from aig_jax.eval.step import make_eval_step
 from aig_jax.model.spec import ModelSpec
 from aig_jax.sharding import make_mesh, replicate, shard_batch
+from aig_jax.train import loop
+from aig_jax.train import workdir as workdir_lock
 from aig_jax.train.config_checks import validate_config
 from aig_jax.train.loop import LoopTimer, train_and_evaluate
 from aig_jax.train.metrics import read_metrics
@@ -27,9 +34,9 @@ from aig_jax.train.optim import gate_mask, learning_rate_schedule, make_optimize
 from aig_jax.train.state import create_train_state
 from aig_jax.train.step import make_train_step
 from configs import default, tiny
-from tests.conftest import SHARED_DATA
+from tests.conftest import HANG_GUARD_S, REPO, SHARED_DATA, run_cli, user_error_line
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCK = workdir_lock.LOCK_FILE
 
 # Small enough for CPU: 8×8 synthetic images, batch 16, ResNet-8 with every block gated.
 SMALL = {
@@ -292,15 +299,16 @@ def test_sigterm_saves_the_current_step_and_rerun_resumes(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_GUARD_S
     while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
         assert proc.poll() is None, proc.stdout.read().decode()
         assert time.time() < deadline, "training did not start"
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 0, out.decode()[-3000:]
     assert b"rerun the same command to resume" in out
+    assert not os.path.exists(os.path.join(workdir, LOCK))  # released on SIGTERM
     # The train step went to the compilation cache, for the rerun to load.
     assert any(name.startswith("jit_step") for name in os.listdir(tmp_path / "xla"))
     last = read_metrics(workdir, "train")[-1]["step"]
@@ -407,6 +415,7 @@ def test_resuming_another_model_is_refused(tmp_path):
         ("batch_size", 0, r"config.batch_size = 0: expected a positive integer"),
         ("eval_gate_modes", ("maybe",), r"config.eval_gate_modes = \('maybe',\)"),
         ("scan_blocks", True, r"config.scan_blocks was removed: .*compilation cache"),
+        ("on_nonfinite", "ignore", r"config.on_nonfinite = 'ignore': expected one of"),
     ],
 )
 def test_invalid_config_names_the_field(field, value, match):
@@ -417,7 +426,7 @@ def test_invalid_config_names_the_field(field, value, match):
 def test_missing_data_directory_is_named(tmp_path):
     missing = str(tmp_path / "nowhere")
     config = small_config(dataset__source="npz", dataset__data_dir=missing)
-    with pytest.raises(FileNotFoundError, match=missing):
+    with pytest.raises(DataError, match=missing):
         train_and_evaluate(config, str(tmp_path / "run"))
 
 
@@ -504,3 +513,192 @@ def test_loop_timer_leaves_out_pauses_and_measures_input_waits():
     assert 0.6 * 80 < lap["images_per_sec"] < 1.05 * 80
     again = timer.lap(steps, batch_size=8)  # a new interval: no steps, nothing waited
     assert again["images_per_sec"] == 0 and again["input_wait_fraction"] == 0
+
+
+# --------------------------------------------------------------------- divergence (NaN, inf)
+
+
+def _tiny_command(workdir, *overrides):
+    """train.py arguments: the small config in ``workdir``, plus ``--config.…`` overrides."""
+    small = [f"--config.{k}={v}" for k, v in SMALL.items() if k != "eval_gate_modes"]
+    return [
+        os.path.join(REPO, "train.py"),
+        f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+        f"--workdir={workdir}",
+        *small,
+        "--config.eval_gate_modes=('argmax',)",
+        *overrides,
+    ]
+
+
+def _all_finite(tree):
+    return all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(tree))
+
+
+def test_divergence_stops_at_the_step_and_keeps_the_last_finite_checkpoint(tmp_path):
+    """lr 1e4: train.py exits 2 naming the first non-finite step; a checkpoint every step, of
+    which two are kept, yet the newest on disk is the finite one before that step."""
+    workdir = str(tmp_path / "run")
+    proc = run_cli(
+        *_tiny_command(
+            workdir,
+            "--config.learning_rate=10000",
+            "--config.num_train_steps=30",
+            "--config.checkpoint_every_steps=1",
+            "--config.keep_checkpoints=2",
+            f"--compilation_cache={tmp_path / 'xla'}",
+        )
+    )
+    line = user_error_line(proc)
+    step = int(line.split(" at step ")[1].split(";")[0])
+    assert "lower config.learning_rate (now 10000)" in line and 1 < step < 30, line
+    variables, opt_state, meta = restore_state(workdir, small_config())
+    assert meta["step"] == step - 1 and f"the newest checkpoint is step {step - 1}" in line
+    assert _all_finite(variables) and _all_finite(opt_state)
+    logged = read_metrics(workdir, "train")
+    assert [m["step"] for m in logged] == list(range(1, step))
+    assert all(np.isfinite(m["loss"]) for m in logged)
+    assert not os.path.exists(os.path.join(workdir, LOCK))  # released on the error
+
+
+def test_skip_step_keeps_the_state_of_a_nonfinite_batch():
+    spec, model, tx, state0 = _small_model_and_state()
+    rng = np.random.default_rng(0)
+    clean = {
+        "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, 16).astype(np.int32),
+    }
+    poisoned = {**clean, "image": clean["image"].copy()}
+    poisoned["image"][3, 2, 2, 0] = np.nan
+    step = make_train_step(
+        model, tx, spec.targets, target_weight=2.0, donate=False, on_nonfinite="skip_step"
+    )
+    mesh = make_mesh(1)
+    with jax.set_mesh(mesh):
+        state = replicate(state0, mesh)
+        skipped, metrics = step(state, shard_batch(poisoned, mesh), jax.random.key(3))
+        applied, clean_metrics = step(skipped, shard_batch(clean, mesh), jax.random.key(3))
+    assert not metrics["finite"] and np.isnan(metrics["loss"]) and clean_metrics["finite"]
+    before, after = jax.device_get((state, skipped))
+    assert int(after.step) == 1  # the batch is consumed; its update is not applied
+    for name in ("params", "batch_stats", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(before, name), getattr(after, name))
+    changed = jax.tree.leaves(jax.device_get(applied.params))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(changed, jax.tree.leaves(before.params), strict=True)
+    )
+
+
+def test_skip_step_trains_through_divergence_counting_the_skipped_steps(tmp_path):
+    config = small_config(learning_rate=1e4, num_train_steps=8, on_nonfinite="skip_step")
+    train_and_evaluate(config, str(tmp_path))
+    logged = read_metrics(str(tmp_path), "train")
+    assert [m["step"] for m in logged] == list(range(1, 9))
+    assert sum(m["skipped_steps"] for m in logged) > 0
+    variables, _, meta = restore_state(str(tmp_path), config)
+    assert meta["step"] == 8 and _all_finite(variables)
+
+
+# ---------------------------------------------------------------------- one run per workdir
+
+
+@pytest.fixture
+def no_compiling(monkeypatch):
+    """Fail the test if the training loop gets as far as building its training state."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled before the check")
+
+    monkeypatch.setattr(loop, "create_train_state", refuse)
+
+
+def _write_lock(workdir, pid, host):
+    os.makedirs(workdir, exist_ok=True)
+    record = {"pid": pid, "host": host, "started": "2026-01-01T00:00:00+00:00"}
+    with open(os.path.join(workdir, LOCK), "w") as f:
+        json.dump(record, f)
+    return record
+
+
+def test_a_live_run_holds_its_workdir(tmp_path, no_compiling):
+    workdir = str(tmp_path)
+    record = _write_lock(workdir, os.getpid(), socket.gethostname())
+    match = rf"in use by pid {os.getpid()} on host .* since 2026-01-01.*another --workdir"
+    with pytest.raises(WorkdirError, match=match):
+        train_and_evaluate(small_config(num_train_steps=1), workdir)
+    assert os.listdir(workdir) == [LOCK]  # nothing written, the holder's lock kept
+    with open(os.path.join(workdir, LOCK)) as f:
+        assert json.load(f) == record
+
+
+def test_a_dead_runs_lock_is_taken_over_and_released(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process
+    workdir = str(tmp_path)
+    _write_lock(workdir, dead.pid, socket.gethostname())
+    train_and_evaluate(small_config(num_train_steps=1), workdir)
+    assert restore_state(workdir, small_config())[2]["step"] == 1
+    assert not os.path.exists(os.path.join(workdir, LOCK))
+
+
+def test_a_stale_lock_replaced_meanwhile_by_a_new_run_is_not_removed(tmp_path):
+    """Two runs read the same dead holder; the faster one took the lock over: the slower one's
+    take-over leaves the new lock in place (and then refuses, naming its holder)."""
+    stale = {"pid": 2**22 + 1, "host": socket.gethostname(), "started": "2026-01-01T00:00:00"}
+    record = _write_lock(str(tmp_path), os.getpid(), socket.gethostname())
+    workdir_lock._take_over(str(tmp_path / LOCK), stale)
+    assert os.listdir(tmp_path) == [LOCK]
+    with open(tmp_path / LOCK) as f:
+        assert json.load(f) == record
+
+
+# --------------------------------------------------------------- checks before compiling
+
+
+def test_unwritable_workdir_is_refused_before_compiling(tmp_path, no_compiling):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(WorkdirError, match=rf"cannot create workdir {blocker}/run"):
+        train_and_evaluate(small_config(num_train_steps=1), str(blocker / "run"))
+
+
+def test_empty_evaluation_split_is_refused_before_compiling(tmp_path, no_compiling):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8)
+    np.savez(data / "d_train.npz", image=images, label=np.arange(32) % 10)
+    np.savez(data / "d_test.npz", image=images[:0], label=np.zeros(0, np.int64))
+    config = small_config(dataset__source="npz", dataset__data_dir=str(data))
+    with pytest.raises(DataError, match=r"evaluation split 'test' .* is empty"):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_finished_workdir_has_nothing_to_do_and_a_shorter_config_is_refused(
+    tmp_path, capsys, monkeypatch
+):
+    workdir = str(tmp_path)
+    train_and_evaluate(small_config(num_train_steps=2), workdir)
+    capsys.readouterr()
+    monkeypatch.setattr(loop, "create_train_state", None)  # nothing below compiles
+    assert train_and_evaluate(small_config(num_train_steps=2), workdir) == {}
+    assert capsys.readouterr().out == (
+        f"nothing to do: step 2 of 2; eval.py --workdir {workdir} to evaluate\n"
+    )
+    with pytest.raises(WorkdirError, match=r"already at step 2 ≥ num_train_steps 1"):
+        train_and_evaluate(small_config(num_train_steps=1), workdir)
+    assert [m["step"] for m in read_metrics(workdir, "train")] == [1, 2]
+
+
+def test_train_py_names_a_missing_config_file_or_field_and_the_closest_ones(tmp_path):
+    proc = run_cli(*_tiny_command(str(tmp_path / "run"), "--config.learning_rat=0.1"))
+    line = user_error_line(proc)
+    assert "no field 'learning_rat'" in line and "did you mean --config.learning_rate" in line
+    assert not os.path.exists(tmp_path / "run")
+    missing = str(tmp_path / "nope.py")
+    proc = run_cli("train.py", f"--config={missing}", f"--workdir={tmp_path / 'run'}")
+    assert user_error_line(proc) == f"error: --config {missing}: no such config file"
+    with pytest.raises(ConfigError, match=r"'dataset.sorce'.*--config.dataset.source"):
+        check_override_names(small_config(), ["batch_size", "dataset.sorce"])

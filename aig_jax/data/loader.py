@@ -24,6 +24,7 @@ import numpy as np
 
 from aig_jax.data.preprocess import eval_transform, train_transform
 from aig_jax.data.sources import Source
+from aig_jax.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]
 AUGMENT_STREAM = 1_000_003
@@ -34,7 +35,7 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     if global_batch <= 0:
         raise ValueError(f"global_batch must be positive, got {global_batch}")
     if num_examples < global_batch:
-        raise ValueError(
+        raise DataError(
             f"dataset of {num_examples} examples is smaller than one global batch of {global_batch}"
         )
     return num_examples // global_batch
@@ -51,7 +52,7 @@ def _eval_count(num_examples: int, limit: int | None) -> int:
     if limit is None:
         return num_examples
     if limit <= 0:
-        raise ValueError(f"eval limit must be positive or None, got {limit}")
+        raise ConfigError(f"eval limit must be positive or None, got {limit}")
     return min(limit, num_examples)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 import zlib
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
+from aig_jax.errors import ConfigError, DataError
 from aig_jax.registry import Registry
 
 Images = np.ndarray | list[np.ndarray]
@@ -64,27 +66,34 @@ class ArraySource:
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> np.ndarray:
-    """``labels`` as int32 [N], or a ``ValueError`` naming ``where`` and the first bad label."""
+    """``labels`` as int32 [N], or a :class:`DataError` naming ``where`` and the first bad
+    label (labels must be integers: float class indices would be truncated)."""
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{where}: labels are {labels.dtype}, expected integer class indices")
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
-        raise ValueError(
-            f"{where}: label {labels[bad][0]} outside [0, {num_classes}) (num_classes)"
-        )
+        raise DataError(f"{where}: label {labels[bad][0]} outside [0, {num_classes}) (num_classes)")
     return labels.astype(np.int32)
 
 
 def _read_shard(path: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One validated ``.npz`` shard: ``image`` uint8 [N, H, W, 3], ``label`` int32 [N]."""
-    with np.load(path) as shard:
+    try:
+        shard = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path} is not a readable .npz archive ({err})") from None
+    if not isinstance(shard, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} is a single .npy array, expected an .npz archive")
+    with shard:
         if "image" not in shard or "label" not in shard:
-            raise ValueError(f"{path}: expected arrays 'image' and 'label', found {shard.files}")
+            raise DataError(f"{path}: expected arrays 'image' and 'label', found {shard.files}")
         images, labels = shard["image"], shard["label"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(
+        raise DataError(
             f"{path}: 'image' is {images.dtype} {list(images.shape)}, expected uint8 [N, H, W, 3]"
         )
     if labels.shape != (len(images),):
-        raise ValueError(
+        raise DataError(
             f"{path}: 'label' has shape {list(labels.shape)}, expected [{len(images)}] "
             "(one label per image)"
         )
@@ -101,15 +110,15 @@ def npz_source(dataset_cfg: Any, split: str) -> Source:
     """
     data_dir = dataset_cfg.data_dir
     if data_dir is None or not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"npz data_dir {data_dir!r} is not a directory")
+        raise DataError(f"npz data_dir {data_dir!r} is not a directory")
     pattern = rf"(^|_){re.escape(split)}(_\d+)?\.npz$"
     names = sorted(n for n in os.listdir(data_dir) if re.search(pattern, n))
     if not names:
-        raise FileNotFoundError(f"no file in {data_dir!r} matches {pattern!r} (split {split!r})")
+        raise DataError(f"no file in {data_dir!r} matches {pattern!r} (split {split!r})")
     shards = [_read_shard(os.path.join(data_dir, n), dataset_cfg.num_classes) for n in names]
     sizes = {images.shape[1:] for images, _ in shards}
     if len(sizes) > 1:
-        raise ValueError(f"shards {names} in {data_dir!r} mix image shapes {sorted(sizes)}")
+        raise DataError(f"shards {names} in {data_dir!r} mix image shapes {sorted(sizes)}")
     images = np.concatenate([images for images, _ in shards])
     labels = np.concatenate([labels for _, labels in shards])
     return ArraySource(images, labels, dataset_cfg.num_classes)
@@ -124,7 +133,7 @@ class TfdsSource:
         try:
             self._data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except (FileNotFoundError, NotImplementedError) as e:
-            raise FileNotFoundError(
+            raise DataError(
                 f"TFDS dataset {name!r} (split {split!r}) is not prepared as ArrayRecord under "
                 f"data_dir {data_dir!r}; prepare it once with `tfds build {name} "
                 f"--file_format=array_record --data_dir {data_dir or '~/tensorflow_datasets'}` "
@@ -133,7 +142,7 @@ class TfdsSource:
         features = self._data.dataset_info.features
         tfds_classes = features["label"].num_classes
         if tfds_classes != num_classes:
-            raise ValueError(
+            raise DataError(
                 f"TFDS dataset {name!r} has {tfds_classes} classes, config num_classes is "
                 f"{num_classes}"
             )
@@ -172,7 +181,7 @@ class SyntheticSource:
 
     def __init__(self, num_examples: int, image_size: int, num_classes: int, split: str) -> None:
         if num_examples <= 0:
-            raise ValueError(f"synthetic num_examples must be positive, got {num_examples}")
+            raise ConfigError(f"synthetic num_examples must be positive, got {num_examples}")
         self.num_examples = num_examples
         self.image_size = image_size
         self.num_classes = num_classes
@@ -220,9 +229,9 @@ def digits_source(dataset_cfg: Any, split: str) -> Source:
             "the 'digits' source needs scikit-learn: pip install 'aig-jax[demo]'"
         ) from e
     if split not in _DIGITS_SPLITS:
-        raise ValueError(f"digits split must be one of {_DIGITS_SPLITS}, got {split!r}")
+        raise ConfigError(f"digits split must be one of {_DIGITS_SPLITS}, got {split!r}")
     if dataset_cfg.num_classes != 10:
-        raise ValueError(f"digits has 10 classes, config num_classes is {dataset_cfg.num_classes}")
+        raise ConfigError(f"digits has 10 classes, config num_classes is {dataset_cfg.num_classes}")
     digits = load_digits()
     labels = digits.target.astype(np.int32)
     train, test = train_test_split(

@@ -30,6 +30,7 @@ import numpy as np
 
 from aig_jax.data import Source, eval_iterator, eval_transform, make_source, num_eval_batches
 from aig_jax.data.sources import ArraySource
+from aig_jax.errors import ConfigError, DataError
 from aig_jax.eval import calibration, gate_stats, plots
 from aig_jax.eval.attacks import attack_split, jpeg, make_attack_step
 from aig_jax.eval.predict import Predictions, predict, summarize
@@ -44,9 +45,10 @@ EvalStepFactory = Callable[[nn.Module, jax.sharding.Mesh], EvalStep]
 
 
 def check_classes(source: Source, spec: ModelSpec, where: str) -> None:
-    """Raise ``ValueError`` unless ``source`` has the model's number of classes."""
+    """Raise :class:`ConfigError` (a ``ValueError``) unless ``source`` has the model's number
+    of classes."""
     if source.num_classes != spec.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"{where} has {source.num_classes} classes but the checkpoint's model "
             f"{spec.name} predicts {spec.num_classes}"
         )
@@ -82,7 +84,7 @@ class EvalContext:
         progress: bool = True,
         eval_step_factory: EvalStepFactory = make_eval_step,
     ) -> EvalContext:
-        """Check the batch size and the split's classes, and compile nothing yet.
+        """Check the batch size and the split's classes and size, and compile nothing yet.
 
         ``batch_size`` defaults to ``config.eval_batch_size``; the split is
         ``config.dataset.eval_split``.
@@ -90,6 +92,11 @@ class EvalContext:
         batch = batch_size or config.eval_batch_size
         check_batch_size(batch, mesh)
         source = make_source(config.dataset, config.dataset.eval_split)
+        if len(source) == 0:
+            raise DataError(
+                f"evaluation split {config.dataset.eval_split!r} of dataset "
+                f"{config.dataset.get('name')!r} (source {config.dataset.source!r}) is empty"
+            )
         check_classes(source, spec, f"dataset split {config.dataset.eval_split!r}")
         step = compile_together(eval_step_factory(model, mesh), "eval_step")
         cost = model_cost(model, config.dataset.image_size)
@@ -359,7 +366,7 @@ class Attack:
     ) -> None:
         _needs_thresholds(mode, thresholds)
         if not 1 <= jpeg_quality <= 100:
-            raise ValueError(f"JPEG quality must be in [1, 100], got {jpeg_quality}")
+            raise ConfigError(f"JPEG quality must be in [1, 100], got {jpeg_quality}")
         self.ctx, self.mode, self.thresholds = ctx, mode, thresholds
         self.epsilons, self.steps, self.jpeg_quality = tuple(epsilons), steps, jpeg_quality
 

@@ -8,8 +8,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 
 from aig_jax import checkpoint
+from aig_jax.errors import ConfigError, NonFiniteError
 from aig_jax.model.spec import ModelSpec
 from aig_jax.model.variables import abstract_variables
 from aig_jax.sharding import replicated
@@ -33,8 +35,9 @@ def restore(path: str, mesh: jax.sharding.Mesh, config: Any | None = None) -> Re
 
     Without ``config`` the training config stored in the checkpoint is used. Raises
     :class:`~aig_jax.checkpoint.CheckpointError` when there is no checkpoint, its data is
-    corrupt (no fallback to another step) or ``config`` describes another model, and
-    ``ValueError`` when its dataset has another class count.
+    corrupt (no fallback to another step) or ``config`` describes another model,
+    :class:`~aig_jax.errors.ConfigError` (a ``ValueError``) when its dataset has another class
+    count, and :class:`~aig_jax.errors.NonFiniteError` when a variable holds NaN or infinity.
     """
     meta, directory, step = checkpoint.read_meta(path)
     if "model" not in meta:
@@ -45,7 +48,7 @@ def restore(path: str, mesh: jax.sharding.Mesh, config: Any | None = None) -> Re
     else:
         classes = config.dataset.num_classes
         if classes != spec.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset {config.dataset.name!r} has config.dataset.num_classes = {classes} "
                 f"but the checkpoint's model {spec.name} predicts {spec.num_classes} classes"
             )
@@ -61,4 +64,18 @@ def restore(path: str, mesh: jax.sharding.Mesh, config: Any | None = None) -> Re
         abstract_variables(model, (size, size, 3)),
     )
     variables = checkpoint.load_variables(directory, step, like)
+    check_finite(variables, f"checkpoint {directory} step {step}")
     return Restored(spec, model, variables, config, directory, step)
+
+
+def check_finite(variables: Any, where: str) -> None:
+    """Raise :class:`~aig_jax.errors.NonFiniteError` naming ``where`` and the first variable
+    of ``variables`` that holds NaN or infinity."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        values = np.asarray(jax.device_get(leaf))
+        if not np.isfinite(values).all():
+            bad = values[~np.isfinite(values)].flat[0]
+            raise NonFiniteError(
+                f"{where} holds {bad} in {jax.tree_util.keystr(path)}: its training diverged; "
+                "evaluate an earlier checkpoint (--checkpoint <workdir>/checkpoints/<step>)"
+            )

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from aig_jax.errors import ConfigError, DataError
 from aig_jax.model.resnet import ResNet
 from aig_jax.model.variables import abstract_variables
 
@@ -110,7 +111,7 @@ def key_map(model: ResNet, naming: Naming) -> list[Entry]:
     their keys follow the reference naming, torchvision having no gates.
     """
     if naming not in _SHORTCUT:
-        raise ValueError(f"unknown naming {naming!r}; expected one of {sorted(_SHORTCUT)}")
+        raise ConfigError(f"unknown naming {naming!r}; expected one of {sorted(_SHORTCUT)}")
     entries = _layer("conv", "conv1", ("conv1",)) + _layer("bn", "bn1", ("bn1",))
     for info in model.block_infos():
         torch_prefix, path = f"layer{info.stage}.{info.index}", (info.name,)
@@ -130,7 +131,7 @@ def key_map(model: ResNet, naming: Naming) -> list[Entry]:
 
 def _check_model(model: Any) -> ResNet:
     if not isinstance(model, ResNet):
-        raise ValueError(
+        raise ConfigError(
             f"conversion needs an aig_jax.model.resnet.ResNet, got {type(model).__name__}"
         )
     return model
@@ -157,7 +158,7 @@ def _raise_problems(what: str, problems: Mapping[str, list[str]]) -> None:
         f"  {len(items)} {kind}: {', '.join(items)}" for kind, items in problems.items() if items
     ]
     if lines:
-        raise ValueError("\n".join([what, *lines]))
+        raise ConfigError("\n".join([what, *lines]))
 
 
 def _template(model: ResNet, naming: Naming, in_channels: int) -> dict[Entry, Any]:
@@ -378,7 +379,7 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(
+        raise DataError(
             f"{path} holds more than tensors and plain containers, which is not loaded: if you "
             "trust it, re-save its state dict with torch.save(torch.load(path, "
             f"weights_only=False)['state_dict'], new_path) ({err})"
@@ -386,7 +387,7 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
-        raise ValueError(
+        raise DataError(
             f"{path} holds a {type(obj).__name__}, expected a state dict (str → tensor) or a "
             "dict with a 'state_dict' entry"
         )

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aig_jax.errors import ConfigError
 from aig_jax.registry import Registry
 
 GateMode = Literal["sample", "argmax", "open", "calibrated"]
@@ -48,7 +49,7 @@ class GateOutput(NamedTuple):
 def check_gate_mode(mode: str) -> None:
     """Raise ``ValueError`` naming ``mode`` unless it is one of :data:`GATE_MODES`."""
     if mode not in GATE_MODES:
-        raise ValueError(f"unknown gate mode {mode!r}; expected one of {list(GATE_MODES)}")
+        raise ConfigError(f"unknown gate mode {mode!r}; expected one of {list(GATE_MODES)}")
 
 
 def gumbel_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:

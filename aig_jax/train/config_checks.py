@@ -16,6 +16,7 @@ from aig_jax.model.resnet import DTYPES, MODELS
 from aig_jax.model.schedules import SCHEDULES
 from aig_jax.train.losses import NORMALIZE
 from aig_jax.train.optim import GATE_LR_PARAMS
+from aig_jax.train.step import ON_NONFINITE
 
 #: Gate modes the training loop can evaluate in ("calibrated" needs a fit: use eval.py).
 TRAIN_EVAL_MODES = ("argmax", "sample", "open")
@@ -93,6 +94,7 @@ def validate_config(config: Any) -> None:
     _check(config, "target_loss_normalize", lambda v: v in NORMALIZE, f"one of {NORMALIZE}")
     _check(config, "gate_lr_factor", lambda v: v >= 0, "a non-negative factor")
     _check(config, "gate_lr_params", lambda v: v in GATE_LR_PARAMS, f"one of {GATE_LR_PARAMS}")
+    _check(config, "on_nonfinite", lambda v: v in ON_NONFINITE, f"one of {ON_NONFINITE}")
     _check(
         config,
         "eval_gate_modes",

@@ -1,9 +1,11 @@
 """``train_and_evaluate``: the training loop behind ``train.py``.
 
-One jit-compiled step over a ``('data',)`` mesh; auto-resume from the newest checkpoint in the
-workdir; a checkpoint every ``checkpoint_every_steps``, at the end, and on SIGTERM/SIGINT;
-metrics fetched from the device once per logging interval; periodic evaluation with per-block
-and per-class gate execution rates.
+One jit-compiled step over a ``('data',)`` mesh; one run per workdir (a lock file); auto-resume
+from the newest checkpoint in the workdir; a checkpoint every ``checkpoint_every_steps``, at the
+end, and on SIGTERM/SIGINT; metrics fetched from the device once per logging interval and before
+each evaluation and save, where the steps' ``finite`` flags are checked (so a diverged state is
+never saved, see ``config.on_nonfinite``); periodic evaluation with per-block and per-class gate
+execution rates.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 
 from aig_jax import checkpoint
 from aig_jax.data import make_source, steps_per_epoch, train_iterator
+from aig_jax.errors import NonFiniteError, WorkdirError
 from aig_jax.eval import gate_stats, plots
 from aig_jax.eval.evaluators import Classification, EvalContext
 from aig_jax.model.spec import ModelSpec
@@ -35,6 +38,7 @@ from aig_jax.sharding import (
     prefetch_to_mesh,
     replicated,
 )
+from aig_jax.train import workdir as workdir_lock
 from aig_jax.train.config_checks import validate_config
 from aig_jax.train.metrics import MetricsWriter
 from aig_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -75,11 +79,6 @@ def _meta(spec: ModelSpec, config: Any, step: int, steps_per_epoch_: int) -> dic
         "step": step,
         "epoch": step / steps_per_epoch_,
     }
-
-
-def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, Any]:
-    fetched = jax.device_get(pending)
-    return {k: np.mean([m[k] for m in fetched], axis=0) for k in fetched[0]}
 
 
 class LoopTimer:
@@ -232,14 +231,75 @@ def _batches(config: Any, source: Any, start: int, total: int) -> Iterator[dict[
     )
 
 
+def _check_finite(
+    fetched: list[dict[str, np.ndarray]], last_step: int, config: Any, ckpt: checkpoint.Checkpointer
+) -> None:
+    """Raise :class:`NonFiniteError` naming the first step of ``fetched`` (the metrics of the
+    steps up to ``last_step``) whose loss, gradients or update were not finite."""
+    for i, m in enumerate(fetched):
+        if m["finite"]:
+            continue
+        step = last_step - len(fetched) + 1 + i
+        if not np.isfinite(m["loss"]):
+            what = f"loss is {m['loss']}"
+        elif not np.isfinite(m["grad_norm"]):
+            what = f"gradient norm is {m['grad_norm']} (loss {m['loss']:.4g})"
+        else:
+            what = f"the update made the model state non-finite (loss {m['loss']:.4g})"
+        ckpt.wait_until_finished()
+        kept = ckpt.latest_step()
+        saved = (
+            "no checkpoint was saved" if kept is None else f"the newest checkpoint is step {kept}"
+        )
+        raise NonFiniteError(
+            f"{what} at step {step}; {saved}; lower config.learning_rate (now "
+            f"{config.learning_rate:g}) or set config.on_nonfinite=skip_step to skip such steps"
+        )
+
+
+def _mean_metrics(fetched: list[dict[str, np.ndarray]], count_skipped: bool) -> dict[str, Any]:
+    """Means over the steps whose update was applied; with ``count_skipped`` also
+    ``skipped_steps``, the number of the others."""
+    applied = [m for m in fetched if m["finite"]] or fetched
+    means = {k: np.mean([m[k] for m in applied], axis=0) for k in fetched[0] if k != "finite"}
+    if count_skipped:
+        means["skipped_steps"] = len(fetched) - sum(bool(m["finite"]) for m in fetched)
+    return means
+
+
+def _check_progress(config: Any, ckpt: checkpoint.Checkpointer, total: int, spe: int) -> bool:
+    """Whether steps are left to train: False (after printing so) when the workdir's newest
+    checkpoint is at step ``total``; a :class:`WorkdirError` when it is past it."""
+    latest = ckpt.latest_step()
+    if latest is None or latest < total:
+        return True
+    workdir = os.path.dirname(ckpt.directory)
+    if latest > total:
+        length = (
+            f"num_train_steps {total}"
+            if config.num_train_steps > 0
+            else f"num_epochs {config.num_epochs:g} × {spe} steps = {total}"
+        )
+        raise WorkdirError(
+            f"{workdir} is already at step {latest} ≥ {length}; train longer or use "
+            "another --workdir"
+        )
+    if jax.process_index() == 0:
+        print(f"nothing to do: step {latest} of {total}; eval.py --workdir {workdir} to evaluate")
+    return False
+
+
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Train the model of ``config`` in ``workdir``, resuming if it holds a checkpoint.
 
-    Returns the last evaluation's summary per gate mode (``{mode: {...}}``).
+    Everything that can be checked without compiling (the config, the data, the workdir and
+    its lock, the step to resume from) is checked first. Returns the last evaluation's summary
+    per gate mode (``{mode: {...}}``), empty when the workdir had finished already. Raises
+    :class:`NonFiniteError` at the first non-finite step under ``config.on_nonfinite="stop"``,
+    having saved nothing after it.
     """
     validate_config(config)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(config.num_devices or None)
     check_batch_size(config.batch_size, mesh)
     spec = ModelSpec.from_config(config)
@@ -251,12 +311,24 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     size = config.dataset.image_size
     schedule = learning_rate_schedule(config, spe)
     tx = make_optimizer(config, schedule)
-    writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
-    )
+    skip = config.on_nonfinite == "skip_step"
+    ctx = EvalContext.create(
+        model, spec, config, mesh, limit=config.eval_limit, seed=config.seed + 7,
+        progress=config.progress,
+    )  # fmt: skip
     results: dict[str, Any] = {}
-    with jax.set_mesh(mesh), _StopOnSignal() as stop:
+    with contextlib.ExitStack() as cleanup:
+        stop = cleanup.enter_context(_StopOnSignal())
+        cleanup.enter_context(workdir_lock.hold(workdir))
+        ckpt = checkpoint.Checkpointer(
+            os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+        )
+        cleanup.callback(ckpt.close)  # waits for the saves in flight, also after an error
+        if not _check_progress(config, ckpt, total, spe):
+            return results
+        writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
+        cleanup.callback(writer.close)
+        cleanup.enter_context(jax.set_mesh(mesh))
         init = functools.partial(create_train_state, model, tx, (size, size, 3), config.seed)
         state = jax.jit(init, out_shardings=replicated(mesh))()
         state = _restore_or_init(ckpt, state, spec, config)
@@ -271,13 +343,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 normalize=config.target_loss_normalize,
                 learning_rate=schedule,
                 pixel_stats=(config.dataset.mean, config.dataset.std),
+                on_nonfinite=config.on_nonfinite,
             ),
             "train_step",
         )
-        ctx = EvalContext.create(
-            model, spec, config, mesh, limit=config.eval_limit, seed=config.seed + 7,
-            progress=config.progress,
-        )  # fmt: skip
         key = jax.device_put(jax.random.key(config.seed), replicated(mesh))
         logging.info(
             "%s: %d blocks (%d gated), %d steps (%d per epoch), batch %d on %d devices",
@@ -288,15 +357,26 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         step = start
         timer = LoopTimer(start)
         show = jax.process_index() == 0 and config.progress
-        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not show)
+        bar = cleanup.enter_context(
+            tqdm(total=total, initial=start, desc="train", unit="step", disable=not show)
+        )
         batches = prefetch_to_mesh(_batches(config, train_source, start, total), mesh)
+        cleanup.callback(batches.close)  # stops the prefetching thread when the loop ends early
         while (batch := timer.wait_for(batches)) is not None:
             state, metrics = train_step(state, batch, key)
             pending.append(metrics)
             step += 1
             bar.update(1)
-            if step % config.log_every_steps == 0 or step == total or stop.requested:
-                summary = {**_mean_metrics(pending), **timer.lap(step, config.batch_size)}
+            stopping = stop.requested  # read once: a signal from now on is seen next step
+            log = step % config.log_every_steps == 0 or step == total or stopping
+            evaluate = step % eval_every == 0 or step == total
+            save = step % config.checkpoint_every_steps == 0 or step == total or stopping
+            if log or evaluate or save:
+                fetched = jax.device_get(pending)  # waits for the steps so far
+                if not skip:  # nothing after a non-finite step is evaluated or saved
+                    _check_finite(fetched, step, config, ckpt)
+            if log:
+                summary = {**_mean_metrics(fetched, skip), **timer.lap(step, config.batch_size)}
                 pending = []
                 summary["epoch"] = step / spe
                 writer.write(step, "train", summary)
@@ -307,18 +387,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                     img_s=f"{summary['images_per_sec']:.0f}",
                 )
             with timer.paused():
-                if step % eval_every == 0 or step == total:
+                if evaluate:
                     results = _evaluate(ctx, state, step, writer, workdir)
-                if step % config.checkpoint_every_steps == 0 or step == total or stop.requested:
+                if save:
                     ckpt.save(
                         step, state.variables, state.opt_state, _meta(spec, config, step, spe)
                     )
-            if stop.requested:
+            if stopping:
                 break
-        batches.close()  # stops the prefetching thread when the loop ended early
-        bar.close()
-        ckpt.close()
-    writer.close()
     if stop.requested:
         logging.warning("stopped at step %d; rerun the same command to resume", step)
     return results

@@ -5,6 +5,10 @@ checkpointed and a resumed run draws the same noise), computes CE + λ·target-r
 applies the optimizer. Gradients, losses and BatchNorm statistics are over the *global* batch:
 under ``jit`` a batch-sharded mean is a cross-device mean (synchronised BatchNorm), whereas the
 reference's DataParallel normalised each GPU's share separately.
+
+Each step reports in its ``finite`` metric whether its loss, gradients and new state (parameters,
+BatchNorm statistics, optimizer state) are finite; with ``on_nonfinite="skip_step"`` a step that
+is not keeps the state it was given (under ``"stop"`` the training loop ends the run there).
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from aig_jax.train.state import TrainState
 Batch = dict[str, jax.Array]
 
 
+#: What a step with a non-finite loss, gradient or update does (``config.on_nonfinite``):
+#: "stop" the run (the loop raises), or "skip_step" (the step keeps the state it was given).
+ON_NONFINITE = ("stop", "skip_step")
+
 TrainStep = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
 
@@ -38,6 +46,7 @@ def make_train_step(
     learning_rate: optax.Schedule | None = None,
     donate: bool = True,
     pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+    on_nonfinite: str = "stop",
 ) -> TrainStep:
     """Build ``step(state, batch, key) -> (state, metrics)``, jit-compiled with donated state.
 
@@ -51,11 +60,15 @@ def make_train_step(
       donate: donate the input state's buffers (they are dead after the call).
       pixel_stats: ``(mean, std)`` on the 0–1 scale: the batch's images are then uint8 pixels
         [B, H, W, 3], normalised on the device (see :func:`normalise_pixels`).
+      on_nonfinite: one of :data:`ON_NONFINITE`; "skip_step" keeps the parameters, optimizer
+        state and BatchNorm statistics of a step whose ``finite`` metric is False.
 
     ``batch`` holds ``image`` [B, H, W, C] float32 (normalised; uint8 with ``pixel_stats``)
     and ``label`` [B] int32, sharded over ``data``. Metrics are scalars except
-    ``gate_rates`` [L] (execution rate of each block).
+    ``gate_rates`` [L] (execution rate of each block); ``finite`` is a bool.
     """
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
     targets_arr = jnp.asarray(targets, jnp.float32)
 
     def step(state: TrainState, batch: Batch, key: jax.Array) -> tuple[TrainState, dict]:
@@ -90,13 +103,24 @@ def make_train_step(
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        for leaf in jax.tree.leaves((params, batch_stats, opt_state)):
+            finite &= jnp.all(jnp.isfinite(leaf))
+        if on_nonfinite == "skip_step":
+            params, batch_stats, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, batch_stats, opt_state),
+                (state.params, state.batch_stats, state.opt_state),
+            )
         metrics = {
             "loss": loss,
             "ce": parts["ce"],
             "target_loss": parts["target_loss"],
             "accuracy": jnp.mean(jnp.argmax(out.logits, -1) == batch["label"]),
             "gate_rates": jnp.mean(out.gates, axis=1),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            "finite": finite,
         }
         if learning_rate is not None:
             metrics["lr"] = jnp.asarray(learning_rate(state.step), jnp.float32)
