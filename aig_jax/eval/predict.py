@@ -115,7 +115,7 @@ def summarize(preds: Predictions, cost: ModelCost, num_classes: int) -> dict[str
         "num_examples": len(preds.labels),
         "top1_error": float(100.0 * (1.0 - preds.correct.mean())),
         "top5_error": float(100.0 * (1.0 - top5.mean())),
-        "loss": float(preds.loss.mean()),
+        "loss": float(preds.loss.mean(dtype=np.float64)),  # huge losses overflow a float32 sum
         "layer_rates": [float(r) for r in rates],
         "mean_executed_blocks": float(gate_stats.executed_counts(preds.gates).mean()),
         "realised_gmacs": float(macs.mean() / 1e9),
