@@ -26,6 +26,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.target_rates = config_dict.placeholder(tuple)  # explicit per-block rates win if set
     c.target_weight = 2.0  # λ of the target-rate loss
     c.target_loss_normalize = "gated"  # divide by gated layers ("all": the reference ImageNet)
+    # Blocks of target rate 1 "keep" their gate, trained by the cross-entropy alone (the
+    # reference), or "drop" it and always execute (no gate parameters).
+    c.gate_rate_one_blocks = "keep"
+    # "reference": the reference code's initialisation (PyTorch 0.3.1's defaults with γ ~ U(0, 1)
+    # for CIFAR models, He-normal convolutions with γ = 1 for ImageNet ones); or "he_normal".
+    c.init = "reference"
 
     c.dataset = ml_collections.ConfigDict(
         {

@@ -401,6 +401,8 @@ def test_resuming_another_model_is_refused(tmp_path):
         ("batch_size", 0, r"config.batch_size = 0: expected a positive integer"),
         ("eval_gate_modes", ("maybe",), r"config.eval_gate_modes = \('maybe',\)"),
         ("scan_blocks", True, r"config.scan_blocks was removed: .*compilation cache"),
+        ("init", "xavier", r"config.init = 'xavier': expected one of \('reference', 'he_normal'\)"),
+        ("gate_rate_one_blocks", "skip", r"config.gate_rate_one_blocks = 'skip': expected one of"),
     ],
 )
 def test_invalid_config_names_the_field(field, value, match):

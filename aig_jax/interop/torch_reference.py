@@ -179,6 +179,37 @@ class TorchResNet(tnn.Module):
         return logits, torch.stack(gates), torch.stack(margins)
 
 
+def reference_init(net: TorchResNet) -> TorchResNet:
+    """Initialise ``net``, built with current PyTorch's defaults, as the reference's models start.
+
+    Every BatchNorm γ is re-drawn U(0, 1) and β set to 0 (PyTorch 0.3.1's defaults; current
+    PyTorch sets γ = 1); the gates' ``fc2`` get weights N(0, 0.001) and bias (0.1, 2). An
+    ImageNet-stem model then gets what ``ResNet_ImageNet`` sets: every convolution (the gates'
+    included) N(0, 2 / (k·k·C_out)), ``fc2`` N(0, 0.001) again, BatchNorm2d γ = 1, β = 0. Draws
+    from PyTorch's global generator (``torch.manual_seed``).
+    """
+    with torch.no_grad():
+        for name, m in net.named_modules():
+            if isinstance(m, tnn.BatchNorm1d | tnn.BatchNorm2d):
+                m.weight.uniform_(0, 1)
+                m.bias.zero_()
+            elif name.endswith("fc2"):
+                m.weight.normal_(0, 0.001)
+                m.bias.copy_(torch.tensor([0.1, 2.0]))
+        if net.stem != "imagenet":
+            return net
+        for name, m in net.named_modules():
+            if isinstance(m, tnn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                m.weight.normal_(0, (2.0 / n) ** 0.5)
+                if name.endswith("fc2"):
+                    m.weight.normal_(0, 0.001)
+            elif isinstance(m, tnn.BatchNorm2d):
+                m.weight.fill_(1)
+                m.bias.zero_()
+    return net
+
+
 def target_rate_loss(
     gates: torch.Tensor, targets: Sequence[float], script: str = "cifar"
 ) -> torch.Tensor:

@@ -27,18 +27,15 @@ import jax
 import jax.numpy as jnp
 
 from aig_jax.model.gates import GateOutput, GumbelGate
-
-Initializer = nn.initializers.Initializer
+from aig_jax.model.initialisers import Initializer, he_normal
 
 #: A module class, or a ``functools.partial`` of one (the Flax ImageNet example's ``ModuleDef``).
 ModuleDef = Callable[..., nn.Module]
 
-#: He-normal initialisation over fan-out, as the reference initialises its convolutions.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-#: The model's convolution: bias-free, He-normal over fan-out. Blocks pass features, kernel
-#: size, strides and PyTorch's padding (kernel // 2 on each side).
-Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
+#: The model's convolution: bias-free, He-normal over fan-out (the model's initialisation
+#: scheme may bind another ``kernel_init``). Blocks pass features, kernel size, strides and
+#: PyTorch's padding (kernel // 2 on each side).
+Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he_normal)
 
 
 class BatchNorm(nn.Module):
