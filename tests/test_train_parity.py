@@ -6,7 +6,8 @@ to the PyTorch gates), three SGD steps of :func:`aig_jax.train.step.make_train_s
 :func:`aig_jax.train.optim.make_optimizer` and three of
 :func:`aig_jax.interop.torch_reference.train_step` give the same loss, cross-entropy,
 target-rate loss and gate decisions at every step, and the same parameters, momentum buffers
-and BatchNorm running statistics after each.
+and BatchNorm running statistics after each. And the configs' learning rate is the scripts' in
+every epoch.
 
 Two cases: a CIFAR basic-block model with train.py's loss (every layer counted, divided by L)
 and a gate-``fc2`` learning-rate group; a bottleneck ImageNet-stem model whose first block has
@@ -30,6 +31,8 @@ from the reference's ImageNet initialisation its third step is as ill-conditione
 in float32 and in float64 parts by 1e-2 there); the CIFAR case starts from the reference's
 initialisation (γ ~ U(0, 1)).
 """
+
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -219,3 +222,18 @@ def test_three_sgd_steps_equal_the_reference_training_step(name):
             ref.momentum_of(net, optimizer, model),
             f"step {step}: momentum",
         )
+
+
+@pytest.mark.parametrize(
+    ("config", "script", "epochs"),
+    [("cifar10_resnet110_aig", "cifar", 349), ("imagenet_resnet50_aig", "imagenet", 99)],
+)
+def test_learning_rate_of_every_epoch_is_the_reference_scripts(config, script, epochs):
+    """The reference trains epochs 1 … N-1 of ``range(1, N)`` (349 on CIFAR, 99 on ImageNet),
+    setting the rate of each at its start; our epoch e (from 0) is its epoch e + 1."""
+    c = importlib.import_module(f"configs.{config}").get_config()
+    assert c.num_epochs == epochs
+    schedule = learning_rate_schedule(c, steps_per_epoch=10)
+    ours = [float(schedule(10 * e + s)) for e in range(epochs) for s in (0, 9)]
+    theirs = [ref.learning_rate(e + 1, script=script) for e in range(epochs) for _ in (0, 9)]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
