@@ -172,12 +172,11 @@ def test_three_sgd_steps_equal_the_reference_training_step(name):
     net = ref.TorchResNet(case["bottleneck"], case["stage_sizes"], case["widths"], case["stem"], 10)
     ref.load_variables(net, variables, model)
     optimizer = ref.make_optimizer(
-        net,
-        lr=0.1,
-        weight_decay=case["weight_decay"],
-        lrfact=case["gate_lr_factor"],
-        script=case["script"],
+        net, weight_decay=case["weight_decay"], lrfact=case["gate_lr_factor"], script=case["script"]
     )
+    # What the reference's adjust_learning_rate sets at the start of its first epoch.
+    lr = ref.learning_rate(1, script=case["script"])
+    ref.set_learning_rate(optimizer, lr, lrfact=case["gate_lr_factor"])
 
     key = jax.random.key(7)
     for step, (x, labels) in enumerate(batches(case)):
