@@ -13,7 +13,7 @@ line for line: cross-entropy plus λ·target-rate loss with each script's normal
 Gumbel-softmax gates with the straight-through gradient, SGD with momentum and weight decay on
 every parameter, the gate parameters in their own learning-rate group. The Gumbel noise is an
 argument, so both sides can use the same draws: :func:`jax_gate_noise` gives the noise our
-gates draw in a train step.
+gates draw in a train step, :func:`torch_gumbel_noise` draws it as the reference does.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn as tnn
 
 from aig_jax.interop.pytorch import convert_reference_state_dict, to_reference_state_dict
-from aig_jax.model.gates import GateOutput, GumbelGate, gumbel_noise
+from aig_jax.model.gates import GUMBEL_EPS, GateOutput, GumbelGate, gumbel_noise
 from aig_jax.model.resnet import ResNet
 
 #: The two reference scripts: ``train.py`` (CIFAR) and ``train_img.py`` (ImageNet).
@@ -208,6 +208,15 @@ def reference_init(net: TorchResNet) -> TorchResNet:
                 m.weight.fill_(1)
                 m.bias.zero_()
     return net
+
+
+def torch_gumbel_noise(
+    shape: Sequence[int], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Gumbel(0, 1) noise of ``shape`` (e.g. [L, B, 2] for :func:`train_step`), drawn as the
+    reference's ``GumbleSoftmax`` does: ``-log(ε - log(u + ε))``, ε = 1e-10, u ~ U(0, 1)."""
+    u = torch.rand(tuple(shape), generator=generator)
+    return -torch.log(GUMBEL_EPS - torch.log(u + GUMBEL_EPS))
 
 
 def target_rate_loss(
