@@ -357,3 +357,20 @@ def test_torch_is_optional_and_not_imported_by_the_package(monkeypatch, tmp_path
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[torch\]'"):
         load_torch_state_dict(str(tmp_path / "x.pth"))
+
+
+def test_cli_keeps_the_gates_of_rate_one_blocks_on_request(tmp_path, capsys):
+    net = randomised(TorchResNet(False, (1, 1, 1), CIFAR_WIDTHS, "cifar", 10), seed=9)
+    src, dst = tmp_path / "model_best.pth.tar", tmp_path / "orbax"
+    torch.save({"state_dict": net.state_dict()}, src)
+    argv = [str(src), str(dst), "--model", "resnet8_cifar", "--target-rates", "1,0.5,0.5"]
+    assert main([*argv, "--gate-rate-one-blocks", "keep"]) == 0
+    assert "dropped" not in capsys.readouterr().out
+    meta, directory, step = read_meta(str(dst))
+    spec = ModelSpec.from_json(meta["model"])
+    assert spec.gate_rate_one_blocks == "keep" and spec.gated == (True, True, True)
+    restored = load_variables(directory, step, abstract_variables(spec.build()))
+    np.testing.assert_array_equal(
+        restored["params"]["stage1_block0"]["gate"]["fc2"]["bias"],
+        net.state_dict()["layer1.0.fc2.bias"].float().numpy(),
+    )
