@@ -37,7 +37,7 @@ from aig_jax.interop.pytorch import (
     to_reference_state_dict,
 )
 from aig_jax.model.resnet import DEFAULT_NUM_CLASSES, ResNet, num_blocks
-from aig_jax.model.schedules import target_rates
+from aig_jax.model.schedules import GATE_RATE_ONE_BLOCKS, target_rates
 from aig_jax.model.spec import ModelSpec
 from aig_jax.model.variables import abstract_variables
 
@@ -77,11 +77,13 @@ def to_orbax(
     schedule: str | Sequence[float] = "uniform",
     target_rate: float | None = None,
     seed: int = 0,
+    gate_rate_one_blocks: str = "drop",
 ) -> tuple[ModelSpec, Converted]:
     """Convert the PyTorch file ``src`` into an Orbax checkpoint (step 0) in directory ``dst``.
 
     ``model`` is a registry name; ``schedule`` a schedule name or one rate per block, with
-    rate ``target_rate`` (default :func:`default_target_rate`); blocks of rate 1 are ungated.
+    rate ``target_rate`` (default :func:`default_target_rate`); blocks of rate 1 are ungated, or
+    keep their gates with ``gate_rate_one_blocks="keep"`` (as the reference and the configs).
     ``naming`` defaults to :func:`detect_naming`. Returns the stored spec and the conversion.
     """
     if os.path.exists(dst) and os.listdir(dst):
@@ -92,7 +94,7 @@ def to_orbax(
     t = default_target_rate(model) if target_rate is None else target_rate
     rates = target_rates(schedule, num_blocks(model), t)
     num_classes = DEFAULT_NUM_CLASSES[model] if head is None else int(head.shape[0])
-    spec = ModelSpec(name=model, num_classes=num_classes, rates=rates)
+    spec = ModelSpec(model, num_classes, rates, gate_rate_one_blocks=gate_rate_one_blocks)
     net = spec.build()
     if not isinstance(net, ResNet):
         raise ConfigError(
@@ -145,6 +147,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_rates,
         help="one rate per block, e.g. 1,1,0.8,...; wins over --schedule",
     )
+    parser.add_argument(
+        "--gate-rate-one-blocks",
+        choices=GATE_RATE_ONE_BLOCKS,
+        default="drop",
+        help="keep the gates of rate-1 blocks (the reference, the configs' default) or drop them",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of fresh (torchvision) gates")
     return parser
 
@@ -165,6 +173,7 @@ def _run(args: argparse.Namespace) -> list[str]:
         schedule=args.target_rates or args.schedule,
         target_rate=args.target_rate,
         seed=args.seed,
+        gate_rate_one_blocks=args.gate_rate_one_blocks,
     )
     lines = [f"wrote {spec.name} ({len(spec.rates)} blocks, {sum(spec.gated)} gated) to {args.dst}"]
     if converted.dropped_gates:

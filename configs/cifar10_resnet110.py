@@ -14,5 +14,6 @@ def get_config():
     """The ConvNet-AIG 110 recipe with every block ungated."""
     c = default.get_config()
     c.target_schedule = "ungated"
+    c.gate_rate_one_blocks = "drop"  # a plain ResNet: no gates at all
     c.eval_gate_modes = ("argmax",)
     return c

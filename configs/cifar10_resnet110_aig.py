@@ -9,7 +9,8 @@ Or with CIFAR-10 as ``.npz`` shards in DIR::
     python train.py --config configs/cifar10_resnet110_aig.py --workdir workdirs/aig110 \\
         --config.dataset.source=npz --config.dataset.data_dir=DIR
 
-350 epochs, batch 256, SGD 0.1 (×0.1 at epochs 150 and 250), weight decay 5e-4, λ = 2, every
+349 epochs, batch 256, SGD 0.1 (×0.1 from the reference's epochs 150 and 250, which count from
+1: after 149 and 249), weight decay 5e-4, λ = 2, every
 block gated with target ``--config.target_rate`` (0.7; the reference script's default is 0.6).
 Expected: about 5.8% test error (paper) on the original CIFAR-10, with about 82% of the
 blocks executed (0.41 of 0.5 GMACs).

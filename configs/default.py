@@ -26,6 +26,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.target_rates = config_dict.placeholder(tuple)  # explicit per-block rates win if set
     c.target_weight = 2.0  # λ of the target-rate loss
     c.target_loss_normalize = "gated"  # divide by gated layers ("all": the reference ImageNet)
+    # Blocks of target rate 1 "keep" their gate, trained by the cross-entropy alone (the
+    # reference), or "drop" it and always execute (no gate parameters).
+    c.gate_rate_one_blocks = "keep"
+    # "reference": the reference code's initialisation (PyTorch 0.3.1's defaults with γ ~ U(0, 1)
+    # for CIFAR models, He-normal convolutions with γ = 1 for ImageNet ones); or "he_normal".
+    c.init = "reference"
 
     c.dataset = ml_collections.ConfigDict(
         {
@@ -48,13 +54,13 @@ def get_config() -> ml_collections.ConfigDict:
     # Optimisation: PyTorch-style SGD, weight decay on every parameter.
     c.batch_size = 256  # global, over all devices and hosts
     c.eval_batch_size = 512
-    c.num_epochs = 350.0
+    c.num_epochs = 349.0  # the reference's range(1, 350): its epochs count from 1
     c.num_train_steps = -1  # > 0 overrides num_epochs
     c.learning_rate = 0.1
     c.momentum = 0.9
     c.nesterov = False
     c.weight_decay = 5e-4
-    c.lr_boundaries_epochs = (150, 250)
+    c.lr_boundaries_epochs = (149, 249)  # ×0.1 from the reference's epochs 150 and 250
     c.lr_decay = 0.1
     c.warmup_epochs = 0.0
     c.gate_lr_factor = 1.0  # the reference's --lrfact

@@ -7,7 +7,8 @@ the TFDS manual directory), then train::
     python train.py --config configs/imagenet_resnet50_aig.py --workdir workdirs/aig50 \\
         --config.dataset.data_dir=DATA --config.target_rate=0.5
 
-Batch 256, 100 epochs, SGD 0.1 (×0.1 every 30 epochs), weight decay 1e-4, λ = 1, the
+Batch 256, 99 epochs, SGD 0.1 (×0.1 every 30 of the reference's epochs, which count from 1:
+after 29, 59 and 89), weight decay 1e-4, λ = 1, the
 reference's schedule ``[1, 1, 0.8, 1, t, t, t, 1, t, t, t, t, t, 1, 0.7, 1]``,
 random-resized crop 224 + flip / resize 256 + centre crop 224.
 """
@@ -30,9 +31,9 @@ def get_config():
     c.dataset.preprocess = "imagenet"
     c.dataset.mean = default.IMAGENET_MEAN
     c.dataset.std = default.IMAGENET_STD
-    c.num_epochs = 100.0
+    c.num_epochs = 99.0  # the reference's range(1, 100): its epochs count from 1
     c.weight_decay = 1e-4
-    c.lr_boundaries_epochs = (30, 60, 90)
+    c.lr_boundaries_epochs = (29, 59, 89)  # ×0.1 from its epochs 30, 60, 90 (epoch // 30)
     c.eval_batch_size = 400
     c.eval_every_epochs = 1.0
     c.log_every_steps = 100

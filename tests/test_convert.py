@@ -1,11 +1,11 @@
 """PyTorch interop: parity with a PyTorch ConvNet-AIG, torchvision weights, round trips, CLI.
 
-The PyTorch model below is written for these tests from the paper's architecture as the
-reference code (andreasveit/convnet-aig) lays it out: same module names, projection shortcut
-``shortcut`` = (1×1 conv, BN), gate = global average pool → 1×1 conv ``fc1`` (C→16, bias) →
-BatchNorm1d ``fc1bn`` → ReLU → 1×1 conv ``fc2`` (16→2) → decision (index 1 = execute), masked
-residual ``relu(shortcut(x) + out * g)``. With ``naming="torchvision"`` it is an ungated
-torchvision ResNet (``downsample``, ``fc``).
+The PyTorch model (:mod:`aig_jax.interop.torch_reference`) is the reference code's architecture
+(andreasveit/convnet-aig) with its module names: projection shortcut ``shortcut`` = (1×1 conv,
+BN), gate = global average pool → 1×1 conv ``fc1`` (C→16, bias) → BatchNorm1d ``fc1bn`` → ReLU
+→ 1×1 conv ``fc2`` (16→2) → decision (index 1 = execute), masked residual
+``relu(shortcut(x) + out * g)``. With ``naming="torchvision"`` it is an ungated torchvision
+ResNet (``downsample``, ``fc``).
 """
 
 import os
@@ -33,101 +33,9 @@ from aig_jax.model.variables import abstract_variables
 from tests.conftest import run_cli, user_error_line
 
 torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install -e .[torch]")
-F = torch.nn.functional
+from aig_jax.interop.torch_reference import TorchResNet  # noqa: E402 (needs torch)
+
 tnn = torch.nn
-
-
-class TorchBlock(tnn.Module):
-    """A residual block (basic or bottleneck, stride on the 3×3) with the reference's gate."""
-
-    def __init__(self, bottleneck, in_planes, planes, stride, naming):
-        super().__init__()
-        out_planes = planes * (4 if bottleneck else 1)
-        if bottleneck:
-            convs = [
-                (in_planes, planes, 1, 1),
-                (planes, planes, 3, stride),
-                (planes, out_planes, 1, 1),
-            ]
-        else:
-            convs = [(in_planes, planes, 3, stride), (planes, planes, 3, 1)]
-        self.depth = len(convs)
-        for k, (i, o, size, s) in enumerate(convs, 1):
-            setattr(self, f"conv{k}", tnn.Conv2d(i, o, size, s, padding=size // 2, bias=False))
-            setattr(self, f"bn{k}", tnn.BatchNorm2d(o))
-        project = stride != 1 or in_planes != out_planes
-        self.shortcut_name = "shortcut" if naming == "reference" else "downsample"
-        setattr(
-            self,
-            self.shortcut_name,
-            tnn.Sequential(
-                tnn.Conv2d(in_planes, out_planes, 1, stride, bias=False),
-                tnn.BatchNorm2d(out_planes),
-            )
-            if project
-            else tnn.Sequential(),
-        )
-        self.gated = naming == "reference"
-        if self.gated:
-            self.fc1 = tnn.Conv2d(in_planes, 16, 1)
-            self.fc1bn = tnn.BatchNorm1d(16)
-            self.fc2 = tnn.Conv2d(16, 2, 1)
-
-    def gate(self, x, mode):
-        """Decisions [B] (1 = execute) and the logit margins |l1 - l0| [B]."""
-        ones = torch.ones(x.shape[0], dtype=x.dtype)
-        if not self.gated:
-            return ones, ones * float("inf")
-        w = F.avg_pool2d(x, x.shape[2])  # the reference's pooling: the whole (square) map
-        w = F.relu(self.fc1bn(self.fc1(w).flatten(1)))
-        logits = self.fc2(w[:, :, None, None]).flatten(1)
-        margin = (logits[:, 1] - logits[:, 0]).abs()
-        return (ones if mode == "open" else (logits.argmax(1) == 1).to(x.dtype)), margin
-
-    def forward(self, x, mode):
-        g, margin = self.gate(x, mode)
-        out = x
-        for k in range(1, self.depth + 1):
-            out = getattr(self, f"bn{k}")(getattr(self, f"conv{k}")(out))
-            out = F.relu(out) if k < self.depth else out
-        out = getattr(self, self.shortcut_name)(x) + out * g[:, None, None, None]
-        return F.relu(out), g, margin
-
-
-class TorchResNet(tnn.Module):
-    """CIFAR (3×3 stem) or ImageNet (7×7/2 stem + 3×3/2 max-pool) ResNet, reference names."""
-
-    def __init__(self, bottleneck, stage_sizes, widths, stem, num_classes, naming="reference"):
-        super().__init__()
-        self.stem = stem
-        size, stride = (3, 1) if stem == "cifar" else (7, 2)
-        self.conv1 = tnn.Conv2d(3, widths[0], size, stride, padding=size // 2, bias=False)
-        self.bn1 = tnn.BatchNorm2d(widths[0])
-        in_planes = widths[0]
-        self.stages = len(stage_sizes)
-        for s, (n, width) in enumerate(zip(stage_sizes, widths, strict=True), 1):
-            blocks = []
-            for b in range(n):
-                stride = 2 if s > 1 and b == 0 else 1
-                blocks.append(TorchBlock(bottleneck, in_planes, width, stride, naming))
-                in_planes = width * (4 if bottleneck else 1)
-            setattr(self, f"layer{s}", tnn.Sequential(*blocks))
-        self.head_name = "linear" if naming == "reference" else "fc"
-        setattr(self, self.head_name, tnn.Linear(in_planes, num_classes))
-
-    def forward(self, x, mode="argmax", open_blocks=()):
-        """Logits [B, K], decisions [L, B] and gate logit margins [L, B] of x [B, 3, H, W]."""
-        x = F.relu(self.bn1(self.conv1(x)))
-        if self.stem == "imagenet":
-            x = F.max_pool2d(x, 3, 2, 1)
-        gates, margins = [], []
-        for s in range(1, self.stages + 1):
-            for block in getattr(self, f"layer{s}"):
-                x, g, m = block(x, "open" if len(gates) in open_blocks else mode)
-                gates.append(g)
-                margins.append(m)
-        logits = getattr(self, self.head_name)(x.mean((2, 3)))
-        return logits, torch.stack(gates), torch.stack(margins)
 
 
 def randomised(model, seed):
@@ -457,3 +365,20 @@ def test_torch_is_optional_and_not_imported_by_the_package(monkeypatch, tmp_path
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[torch\]'"):
         load_torch_state_dict(str(tmp_path / "x.pth"))
+
+
+def test_cli_keeps_the_gates_of_rate_one_blocks_on_request(tmp_path, capsys):
+    net = randomised(TorchResNet(False, (1, 1, 1), CIFAR_WIDTHS, "cifar", 10), seed=9)
+    src, dst = tmp_path / "model_best.pth.tar", tmp_path / "orbax"
+    torch.save({"state_dict": net.state_dict()}, src)
+    argv = [str(src), str(dst), "--model", "resnet8_cifar", "--target-rates", "1,0.5,0.5"]
+    assert main([*argv, "--gate-rate-one-blocks", "keep"]) == 0
+    assert "dropped" not in capsys.readouterr().out
+    meta, directory, step = read_meta(str(dst))
+    spec = ModelSpec.from_json(meta["model"])
+    assert spec.gate_rate_one_blocks == "keep" and spec.gated == (True, True, True)
+    restored = load_variables(directory, step, abstract_variables(spec.build()))
+    np.testing.assert_array_equal(
+        restored["params"]["stage1_block0"]["gate"]["fc2"]["bias"],
+        net.state_dict()["layer1.0.fc2.bias"].float().numpy(),
+    )

@@ -175,6 +175,7 @@ def fork_config():
     c.gate_options = {"hidden": 4}
     c.target_schedule = "ramp_test"
     c.target_rate = 0.4
+    c.gate_rate_one_blocks = "drop"  # the ramp's last block (rate 1) has no gate
     c.dataset.source = "counting_test"
     c.dataset.image_size = IMAGE_SIZE
     c.dataset.crop_padding = 1

@@ -1,3 +1,6 @@
+import dataclasses
+import importlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +10,7 @@ import pytest
 from aig_jax.model.blocks import BatchNorm
 from aig_jax.model.resnet import MODELS, build_model, num_blocks
 from aig_jax.model.schedules import gated_flags, target_rates
+from aig_jax.model.spec import ModelSpec
 
 RNGS = {"params": jax.random.key(0), "gumbel": jax.random.key(1)}
 
@@ -188,3 +192,30 @@ def test_bfloat16_compute_keeps_gates_and_logits_in_float32():
     gates = [d for k, d in dtypes.items() if "'gate'" in k and "fc" in k]
     assert convs and all(d == jnp.bfloat16 for d in convs)
     assert gates and all(d == jnp.float32 for d in gates)
+
+
+@pytest.mark.parametrize(
+    ("config", "keep", "drop"),
+    [
+        ("imagenet_resnet50_aig", 25_768_264, 25_701_212),
+        ("imagenet_resnet101_aig", 45_040_314, 44_993_578),
+    ],
+)
+def test_rate_one_blocks_keep_their_gates_by_default_as_in_the_reference(config, keep, drop):
+    module = importlib.import_module(f"configs.{config}")
+    spec = ModelSpec.from_config(module.get_config())
+    assert spec.gate_rate_one_blocks == "keep" and spec.init == "reference"
+    assert all(spec.gated) and 1.0 in spec.rates
+    assert _param_count(_abstract_init(spec.build(), 64)["params"]) == keep
+    dropped = dataclasses.replace(spec, gate_rate_one_blocks="drop")
+    assert dropped.gated == gated_flags(spec.rates)
+    assert _param_count(_abstract_init(dropped.build(), 64)["params"]) == drop
+    assert ModelSpec.from_json(spec.to_json()) == spec
+
+
+def test_a_spec_written_before_init_and_layout_existed_loads_as_before():
+    data = ModelSpec("resnet50", 1000, target_rates("resnet50_reference", 16, 0.5)).to_json()
+    del data["init"], data["gate_rate_one_blocks"]
+    old = ModelSpec.from_json(data)
+    assert (old.init, old.gate_rate_one_blocks) == ("he_normal", "drop")
+    assert old.gated == gated_flags(old.rates) and not all(old.gated)

@@ -416,6 +416,8 @@ def test_resuming_another_model_is_refused(tmp_path):
         ("eval_gate_modes", ("maybe",), r"config.eval_gate_modes = \('maybe',\)"),
         ("scan_blocks", True, r"config.scan_blocks was removed: .*compilation cache"),
         ("on_nonfinite", "ignore", r"config.on_nonfinite = 'ignore': expected one of"),
+        ("init", "xavier", r"config.init = 'xavier': expected one of \('reference', 'he_normal'\)"),
+        ("gate_rate_one_blocks", "skip", r"config.gate_rate_one_blocks = 'skip': expected one of"),
     ],
 )
 def test_invalid_config_names_the_field(field, value, match):

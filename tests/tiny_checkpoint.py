@@ -52,6 +52,7 @@ def save_ungated_copy(variables, directory, config):
     """Save the gated ``variables`` minus their gates as an ungated (target 1) checkpoint."""
     config = config.copy_and_resolve_references()
     config.target_rate = 1.0
+    config.gate_rate_one_blocks = "drop"  # rate-1 blocks without gates: the plain ResNet
     spec = ModelSpec.from_config(config)
     host = jax.device_get({k: without_gates(v) for k, v in variables.items()})
     meta = {"model": spec.to_json(), "config": config.to_dict()}

@@ -20,27 +20,70 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from aig_jax.model.gates import GateOutput, GumbelGate
+from aig_jax.model.initialisers import Initializer, he_normal
 
 #: A module class, or a ``functools.partial`` of one (the Flax ImageNet example's ``ModuleDef``).
 ModuleDef = Callable[..., nn.Module]
 
-#: He-normal initialisation over fan-out, as the reference initialises its convolutions.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+#: The model's convolution: bias-free, He-normal over fan-out (the model's initialisation
+#: scheme may bind another ``kernel_init``). Blocks pass features, kernel size, strides and
+#: PyTorch's padding (kernel // 2 on each side).
+Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=he_normal)
 
-#: The model's convolution: bias-free, He-normal over fan-out. Blocks pass features, kernel
-#: size, strides and PyTorch's padding (kernel // 2 on each side).
-Conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
 
-#: BatchNorm with PyTorch's defaults: momentum 0.1 in PyTorch's convention (0.9 in Flax's),
-#: epsilon 1e-5. Variables: params ``scale``, ``bias``; batch_stats ``mean``, ``var``.
-BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+class BatchNorm(nn.Module):
+    """PyTorch's BatchNorm over the last axis of x [..., C], as the reference trains it.
+
+    Training normalises with the batch's mean and biased variance and updates the running
+    statistics with the *unbiased* variance (×n/(n-1), n values per feature), as PyTorch does
+    and Flax's ``nn.BatchNorm`` does not; evaluation normalises with the running statistics.
+    Statistics are reduced in float32; the output has ``dtype`` (default: x's, at least
+    float32). Variables: params ``scale``, ``bias``; batch_stats ``mean``, ``var``.
+
+    Attributes:
+      use_running_average: normalise with the running statistics (evaluation).
+      momentum: weight of the old running statistics, Flax's convention (PyTorch's 0.1).
+      epsilon: added to the variance.
+      dtype: output dtype.
+      scale_init: initialiser of γ; bias_init: of β.
+    """
+
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = None
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalise x [..., C] per feature; same shape."""
+        features = x.shape[-1]
+        axes = tuple(range(x.ndim - 1))
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axes)
+            var = jnp.maximum(0.0, jnp.mean(jnp.square(xf), axes) - jnp.square(mean))
+            if not self.is_initializing():
+                n = x.size // features
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+        y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(self.dtype or jnp.promote_types(x.dtype, jnp.float32))
 
 
 class ConvSpec(NamedTuple):

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from aig_jax.errors import ConfigError
+from aig_jax.model.initialisers import HE_NORMAL, DenseInit, Initializer
 from aig_jax.registry import Registry
 
 GateMode = Literal["sample", "argmax", "open", "calibrated"]
@@ -146,11 +147,15 @@ class GumbelGate(nn.Module):
       norm: the model's normalisation partial; the gate applies it in float32 to [B, hidden].
       hidden: width of the hidden layer (16 in the paper).
       tau: Gumbel-softmax temperature (1 in the paper).
+      fc1_init: initialisers of the first layer (see :mod:`aig_jax.model.initialisers`).
+      norm_scale_init: initialiser of the norm's scale; None keeps the ``norm`` partial's.
     """
 
     norm: Callable[..., nn.Module]
     hidden: int = 16
     tau: float = 1.0
+    fc1_init: DenseInit = HE_NORMAL.gate_fc1
+    norm_scale_init: Initializer | None = None
 
     def cost(self, in_features: int) -> tuple[int, int]:
         """(multiply-accumulates per image, parameters) of a gate on ``in_features`` channels.
@@ -174,8 +179,15 @@ class GumbelGate(nn.Module):
         """
         del train
         w = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        w = nn.Dense(self.hidden, dtype=jnp.float32, name="fc1")(w)
-        w = nn.relu(self.norm(dtype=jnp.float32, name="fc1bn")(w))
+        w = nn.Dense(
+            self.hidden,
+            dtype=jnp.float32,
+            kernel_init=self.fc1_init.kernel,
+            bias_init=self.fc1_init.bias(x.shape[-1]),
+            name="fc1",
+        )(w)
+        scale = {} if self.norm_scale_init is None else {"scale_init": self.norm_scale_init}
+        w = nn.relu(self.norm(dtype=jnp.float32, name="fc1bn", **scale)(w))
         logits = nn.Dense(
             2,
             dtype=jnp.float32,

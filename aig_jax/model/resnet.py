@@ -27,6 +27,7 @@ from aig_jax.model.blocks import (
     masked_branch,
 )
 from aig_jax.model.gates import GATES, GumbelGate, check_gate_mode
+from aig_jax.model.initialisers import HE_NORMAL, DenseInit, initialisers
 from aig_jax.registry import Registry
 
 CIFAR_WIDTHS = (16, 32, 64)
@@ -80,6 +81,7 @@ class ResNet(nn.Module):
         ``use_running_average`` and ``dtype`` bound (the gates override ``dtype``): e.g.
         :data:`~aig_jax.model.blocks.BatchNorm` with another ``scale_init``, or a GroupNorm
         wrapper that ignores ``use_running_average``.
+      head_init: initialisers of the classifier (see :mod:`aig_jax.model.initialisers`).
     """
 
     stage_sizes: Sequence[int]
@@ -92,6 +94,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
+    head_init: DenseInit = HE_NORMAL.head
 
     @property
     def num_blocks(self) -> int:
@@ -203,7 +206,13 @@ class ResNet(nn.Module):
             decisions.append(gate.decision)
             probs.append(gate.prob)
         x = jnp.mean(x, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="linear")(x)
+        logits = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            kernel_init=self.head_init.kernel,
+            bias_init=self.head_init.bias(x.shape[-1]),
+            name="linear",
+        )(x)
         return ModelOutput(logits.astype(jnp.float32), jnp.stack(decisions), jnp.stack(probs))
 
 
@@ -256,6 +265,28 @@ for _depth, _block, _sizes in (
     )
 
 
+def with_init(model: ResNet, init: str) -> ResNet:
+    """``model`` initialised by the scheme ``init`` (one of
+    :data:`~aig_jax.model.initialisers.INITS`; "reference" by the model's stem).
+
+    Binds the scheme's initialisers into the ``conv`` and ``norm`` partials, the classifier
+    and, for :class:`GumbelGate` and its subclasses, the gates; a fork's gate keeps its own.
+    """
+    scheme = initialisers(init, model.stem)
+    gate_cls = model.gate_cls
+    base = gate_cls.func if isinstance(gate_cls, functools.partial) else gate_cls
+    if isinstance(base, type) and issubclass(base, GumbelGate):
+        gate_cls = functools.partial(
+            gate_cls, fc1_init=scheme.gate_fc1, norm_scale_init=scheme.gate_norm_scale
+        )
+    return model.clone(
+        conv=functools.partial(Conv, kernel_init=scheme.conv),
+        norm=functools.partial(BatchNorm, scale_init=scheme.norm_scale),
+        head_init=scheme.head,
+        gate_cls=gate_cls,
+    )
+
+
 def build_model(
     name: str,
     *,
@@ -264,6 +295,7 @@ def build_model(
     gate: str = "gumbel",
     gate_options: Mapping[str, Any] | None = None,
     dtype: str = "float32",
+    init: str = "he_normal",
 ) -> nn.Module:
     """Build the registered model ``name``.
 
@@ -274,6 +306,8 @@ def build_model(
       gate: a name from :data:`aig_jax.model.gates.GATES`.
       gate_options: keyword arguments of the gate class, e.g. ``{"tau": 1.0}``.
       dtype: "float32" or "bfloat16" compute (parameters stay float32).
+      init: the initialisation scheme: "he_normal" (what the factory builds) or "reference"
+        (see :func:`with_init`; for :class:`ResNet` models).
 
     Other normalisations or convolutions: ``build_model(...).clone(norm=...)`` (see
     :class:`ResNet`).
@@ -290,6 +324,12 @@ def build_model(
     if gate_options:
         gate_cls = functools.partial(gate_cls, **gate_options)
     model = factory(num_classes=num_classes, gated=flags, gate_cls=gate_cls, dtype=DTYPES[dtype])
+    if init != "he_normal":  # "he_normal" is what the factories build
+        if not isinstance(model, ResNet):
+            raise ValueError(
+                f"init {init!r} needs a ResNet; {name!r} builds {type(model).__name__}"
+            )
+        model = with_init(model, init)
     model.block_infos()  # validates the gated flags against the depth now, not at first call
     return model
 

@@ -1,8 +1,9 @@
 """Per-block target execution rates.
 
-A schedule maps (number of blocks L, target rate t) to L rates in [0, 1]. A block whose rate
-is 1 gets no gate and always executes; the others are gated and pulled towards their rate by
-:func:`aig_jax.train.losses.target_rate_loss`. Forks add schedules with ``SCHEDULES.register``.
+A schedule maps (number of blocks L, target rate t) to L rates in [0, 1]. Blocks whose rate is
+below 1 are gated and pulled towards their rate by :func:`aig_jax.train.losses.target_rate_loss`;
+a block whose rate is 1 is left out of that loss and keeps its gate or has none
+(:data:`GATE_RATE_ONE_BLOCKS`). Forks add schedules with ``SCHEDULES.register``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ def target_rates(
     return tuple(float(r) for r in rates)
 
 
-def gated_flags(rates: Sequence[float]) -> tuple[bool, ...]:
-    """Which blocks carry a gate: those whose target rate is below 1."""
-    return tuple(float(r) < 1.0 for r in rates)
+#: What becomes of the gate of a block with target rate 1: "keep" it (the reference: it samples
+#: and is trained by the cross-entropy alone, the target-rate loss leaving the block out) or
+#: "drop" it (the block always executes and has no gate parameters).
+GATE_RATE_ONE_BLOCKS = ("keep", "drop")
+
+
+def gated_flags(rates: Sequence[float], rate_one_blocks: str = "drop") -> tuple[bool, ...]:
+    """Which blocks carry a gate: every block with ``rate_one_blocks="keep"``, those whose
+    target rate is below 1 with "drop" (see :data:`GATE_RATE_ONE_BLOCKS`)."""
+    if rate_one_blocks not in GATE_RATE_ONE_BLOCKS:
+        raise ValueError(
+            f"gate_rate_one_blocks must be one of {GATE_RATE_ONE_BLOCKS}, got {rate_one_blocks!r}"
+        )
+    return tuple(rate_one_blocks == "keep" or float(r) < 1.0 for r in rates)

@@ -20,7 +20,13 @@ from aig_jax.model.schedules import gated_flags, target_rates
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A registered model plus its per-block target rates (rate 1 = ungated block)."""
+    """A registered model plus its per-block target rates.
+
+    ``gate_rate_one_blocks`` says whether blocks of rate 1 keep their gate ("keep", the
+    reference) or have none ("drop"); ``init`` is the initialisation scheme ("reference" or
+    "he_normal"), which only matters when the model is created. The defaults are those of
+    checkpoints written before either field existed.
+    """
 
     name: str
     num_classes: int
@@ -28,6 +34,8 @@ class ModelSpec:
     gate: str = "gumbel"
     gate_options: tuple[tuple[str, Any], ...] = ()
     dtype: str = "float32"
+    gate_rate_one_blocks: str = "drop"
+    init: str = "he_normal"
 
     @classmethod
     def from_config(cls, config: Any) -> ModelSpec:
@@ -48,6 +56,8 @@ class ModelSpec:
             gate=config.gate,
             gate_options=tuple(sorted(dict(config.gate_options).items())),
             dtype=config.dtype,
+            gate_rate_one_blocks=config.gate_rate_one_blocks,
+            init=config.init,
         )
 
     @classmethod
@@ -60,6 +70,8 @@ class ModelSpec:
             gate=data.get("gate", "gumbel"),
             gate_options=tuple(sorted(dict(data.get("gate_options", {})).items())),
             dtype=data.get("dtype", "float32"),
+            gate_rate_one_blocks=data.get("gate_rate_one_blocks", "drop"),
+            init=data.get("init", "he_normal"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -71,12 +83,15 @@ class ModelSpec:
             "gate": self.gate,
             "gate_options": dict(self.gate_options),
             "dtype": self.dtype,
+            "gate_rate_one_blocks": self.gate_rate_one_blocks,
+            "init": self.init,
         }
 
     @property
     def gated(self) -> tuple[bool, ...]:
-        """One flag per block: gated where the target rate is below 1."""
-        return gated_flags(self.rates)
+        """One flag per block: gated where the target rate is below 1, or everywhere when
+        ``gate_rate_one_blocks`` is "keep"."""
+        return gated_flags(self.rates, self.gate_rate_one_blocks)
 
     @property
     def targets(self) -> np.ndarray:
@@ -92,13 +107,14 @@ class ModelSpec:
             gate=self.gate,
             gate_options=dict(self.gate_options),
             dtype=dtype or self.dtype,
+            init=self.init,
         )
 
     def mismatch(self, other: ModelSpec) -> str | None:
         """Why ``other``'s weights cannot be loaded into this model, or None if they can.
 
         Weights are compatible when the architecture, class count, gate and set of gated
-        blocks agree; target rates and compute dtype may differ.
+        blocks agree; target rates, compute dtype and initialisation may differ.
         """
         for field in ("name", "num_classes", "gate", "gated"):
             mine, theirs = getattr(self, field), getattr(other, field)

@@ -12,8 +12,9 @@ from aig_jax.data import SOURCES
 from aig_jax.data.preprocess import PREPROCESSORS
 from aig_jax.errors import ConfigError
 from aig_jax.model.gates import GATES
+from aig_jax.model.initialisers import INITS
 from aig_jax.model.resnet import DTYPES, MODELS
-from aig_jax.model.schedules import SCHEDULES
+from aig_jax.model.schedules import GATE_RATE_ONE_BLOCKS, SCHEDULES
 from aig_jax.train.losses import NORMALIZE
 from aig_jax.train.optim import GATE_LR_PARAMS
 from aig_jax.train.step import ON_NONFINITE
@@ -91,6 +92,13 @@ def validate_config(config: Any) -> None:
     if not _field(config, "target_rates"):  # an explicit list is checked against the model
         _check(config, "target_schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES.names()}")
     _check(config, "target_weight", lambda v: v >= 0, "a non-negative weight λ")
+    _check(
+        config,
+        "gate_rate_one_blocks",
+        lambda v: v in GATE_RATE_ONE_BLOCKS,
+        f"one of {GATE_RATE_ONE_BLOCKS}",
+    )
+    _check(config, "init", lambda v: v in INITS, f"one of {INITS}")
     _check(config, "target_loss_normalize", lambda v: v in NORMALIZE, f"one of {NORMALIZE}")
     _check(config, "gate_lr_factor", lambda v: v >= 0, "a non-negative factor")
     _check(config, "gate_lr_params", lambda v: v in GATE_LR_PARAMS, f"one of {GATE_LR_PARAMS}")

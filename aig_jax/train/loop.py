@@ -261,7 +261,7 @@ def _mean_metrics(fetched: list[dict[str, np.ndarray]], count_skipped: bool) -> 
     """Means over the steps whose update was applied; with ``count_skipped`` also
     ``skipped_steps``, the number of the others."""
     applied = [m for m in fetched if m["finite"]] or fetched
-    means = {
+    means: dict[str, Any] = {
         k: np.mean([m[k] for m in applied], axis=0, dtype=np.float64)
         for k in fetched[0]
         if k != "finite"
