@@ -1,0 +1,270 @@
+"""Learning curves of our trainer against a PyTorch loop that follows the reference recipe.
+
+    python bench/learning_curves.py [--depths 20 110] [--seeds 0 1] [--epochs 10] \
+        [--data_dir ../shared/data/cifar10/mini] [--out bench/results/learning-curves-cpu.json] \
+        [--plot docs/images/learning_curves.png]
+
+For each depth (ConvNet-AIG ``resnet{depth}_cifar``, every block gated at ``--target``) and
+seed, both sides start from the same weights (ours, at the config's initialisation, loaded
+into the reference architecture built in PyTorch: :mod:`aig_jax.interop.torch_reference`) and
+see the same batches in the same order (our deterministic loader, augmented once, fed to
+both). Ours is ``train.py``'s loop (:func:`aig_jax.train.loop.train_and_evaluate`); theirs is
+the reference ``train.py``'s step (cross-entropy + λ·target-rate loss, SGD with momentum and
+weight decay on every parameter) with its own Gumbel noise. After every epoch both are
+evaluated on the test split with sampled gates (the reference's test-time gates): test error
+and the mean execution rate over blocks, plus the epoch's mean training cross-entropy and
+execution rate. Prints a table, writes JSON (after every run, so an interrupted run keeps what
+it measured; each run's wall time, compiles included) and plots test error and execution rate
+against epoch, both sides, every seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aig_jax.data import make_source  # noqa: E402
+from aig_jax.data.loader import eval_iterator, steps_per_epoch, train_iterator  # noqa: E402
+from aig_jax.model.spec import ModelSpec  # noqa: E402
+from aig_jax.model.variables import init_variables  # noqa: E402
+from aig_jax.train.loop import train_and_evaluate  # noqa: E402
+from aig_jax.train.metrics import read_metrics  # noqa: E402
+from configs import default  # noqa: E402
+
+SIDES = ("aig-jax", "reference")
+
+
+def make_config(depth: int, seed: int, args: argparse.Namespace) -> Any:
+    """The reference CIFAR recipe (SGD 0.1, momentum 0.9, wd 5e-4, λ = 2) on ``--data_dir``,
+    evaluated with sampled gates after every epoch; ``--epochs`` keeps the learning rate at
+    0.1 (the reference decays it at epoch 150)."""
+    c = default.get_config()
+    c.model = f"resnet{depth}_cifar"
+    c.target_rate = args.target
+    c.dataset.source = "npz"
+    c.dataset.data_dir = args.data_dir
+    c.batch_size = args.batch_size
+    c.eval_batch_size = 500
+    c.num_epochs = float(args.epochs)
+    c.eval_every_epochs = 1.0
+    c.eval_gate_modes = ("sample",)
+    c.seed = seed
+    c.data_threads = 2
+    c.log_every_steps = 1  # per-step records, grouped into epochs here
+    c.checkpoint_every_steps = 10**9  # the final step only
+    c.tensorboard = False
+    c.progress = False
+    return c
+
+
+def run_ours(config: Any) -> list[dict[str, float]]:
+    """Train with ``train.py``'s loop in a temporary workdir; one record per epoch."""
+    with tempfile.TemporaryDirectory() as workdir:
+        train_and_evaluate(config, workdir)
+        train = read_metrics(workdir, "train")
+        evals = read_metrics(workdir, "eval")
+    out = []
+    for e, ev in enumerate(evals, 1):
+        records = [r for r in train if e - 1 < r["epoch"] <= e]
+        out.append(
+            {
+                "epoch": e,
+                "test_error": float(ev["top1_error"]),
+                "test_rate": float(np.mean(ev["layer_rates"])),
+                "train_ce": float(np.mean([r["ce"] for r in records])),
+                "train_rate": float(np.mean([np.mean(r["gate_rates"]) for r in records])),
+            }
+        )
+    return out
+
+
+def _torch_images(torch: Any, image: np.ndarray) -> Any:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(0, 3, 1, 2)))
+
+
+def evaluate_torch(
+    torch: Any, net: Any, blocks: int, config: Any, source: Any, gen: Any
+) -> tuple[float, float]:
+    """Test error (%) and mean execution rate of ``net`` (``blocks`` residual blocks) with
+    sampled gates, BatchNorm in evaluation mode, over the whole test split."""
+    from aig_jax.interop.torch_reference import torch_gumbel_noise
+
+    net.eval()
+    wrong, rates, count = 0, [], 0
+    with torch.no_grad():
+        for batch in eval_iterator(source, config.dataset, global_batch=500, num_threads=2):
+            n = int(batch["mask"].sum())
+            x = _torch_images(torch, batch["image"][:n])
+            noise = torch_gumbel_noise((blocks, n, 2), gen)
+            logits, gates, _ = net(x, "sample", noise=noise)
+            wrong += int((logits.argmax(1).numpy() != batch["label"][:n]).sum())
+            rates.append(gates.sum(1).numpy())
+            count += n
+    return 100.0 * wrong / count, float(np.sum(rates, axis=0).mean() / count)
+
+
+def run_reference(config: Any) -> list[dict[str, float]]:
+    """The reference training loop in PyTorch from our initial weights on our batches."""
+    import torch
+
+    from aig_jax.interop import torch_reference as ref
+
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    spec = ModelSpec.from_config(config)
+    model = spec.build()
+    net = ref.TorchResNet(False, model.stage_sizes, model.widths, "cifar", spec.num_classes)
+    ref.load_variables(net, init_variables(model, (32, 32, 3), config.seed), model)
+    optimizer = ref.make_optimizer(
+        net, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    train_source = make_source(config.dataset, config.dataset.train_split)
+    test_source = make_source(config.dataset, config.dataset.eval_split)
+    spe = steps_per_epoch(len(train_source), config.batch_size)
+    batches = train_iterator(
+        train_source, config.dataset, global_batch=config.batch_size, seed=config.seed,
+        num_steps=int(config.num_epochs) * spe, num_threads=2,
+    )  # fmt: skip
+    out = []
+    for epoch in range(1, int(config.num_epochs) + 1):
+        ref.set_learning_rate(optimizer, ref.learning_rate(epoch, lr=config.learning_rate))
+        ce, rate = [], []
+        for _ in range(spe):
+            batch = next(batches)
+            x = _torch_images(torch, batch["image"])
+            noise = ref.torch_gumbel_noise((len(spec.targets), x.shape[0], 2), gen)
+            parts = ref.train_step(
+                net, optimizer, x, torch.from_numpy(batch["label"]).long(), spec.targets,
+                noise, lossfact=config.target_weight,
+            )  # fmt: skip
+            ce.append(float(parts["ce"]))
+            rate.append(float(parts["gates"].mean()))
+        error, test_rate = evaluate_torch(torch, net, len(spec.targets), config, test_source, gen)
+        out.append(
+            {
+                "epoch": epoch,
+                "test_error": error,
+                "test_rate": test_rate,
+                "train_ce": float(np.mean(ce)),
+                "train_rate": float(np.mean(rate)),
+            }
+        )
+    return out
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    """Markdown: per depth and epoch, each side's test error and rates (mean over seeds)."""
+    lines = [
+        "| model | epoch | test error % ours | reference | test exec. rate ours | reference "
+        "| train CE ours | reference |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for depth in sorted({r["depth"] for r in runs}):
+
+        def mean(side: str, epoch: int, key: str, depth: int = depth) -> str:
+            vals = [
+                r["epochs"][epoch - 1][key]
+                for r in runs
+                if r["depth"] == depth and r["side"] == side and len(r["epochs"]) >= epoch
+            ]
+            return f"{np.mean(vals):.3g}" if vals else "–"
+
+        epochs = max(len(r["epochs"]) for r in runs if r["depth"] == depth)
+        for e in range(1, epochs + 1):
+            cells = [
+                mean(side, e, key)
+                for key in ("test_error", "test_rate", "train_ce")
+                for side in SIDES
+            ]
+            lines.append(f"| ConvNet-AIG {depth} | {e} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], path: str) -> None:
+    """Test error and test execution rate against epoch: one row per depth, both sides (colour)
+    and every seed (one line each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted({r["depth"] for r in runs})
+    fig, axes = plt.subplots(len(depths), 2, figsize=(9, 3.2 * len(depths)), squeeze=False)
+    colours = dict(zip(SIDES, ("tab:blue", "tab:orange"), strict=True))
+    for row, depth in zip(axes, depths, strict=True):
+        for r in (r for r in runs if r["depth"] == depth):
+            epochs = [e["epoch"] for e in r["epochs"]]
+            for ax, key in zip(row, ("test_error", "test_rate"), strict=True):
+                label = f"{r['side']} seed {r['seed']}"
+                ax.plot(epochs, [e[key] for e in r["epochs"]], color=colours[r["side"]],
+                        marker="o", ms=3, alpha=0.8, label=label)  # fmt: skip
+        row[0].set(title=f"ConvNet-AIG {depth}: test error", xlabel="epoch", ylabel="%")
+        row[1].set(title=f"ConvNet-AIG {depth}: execution rate (test)", xlabel="epoch")
+        row[1].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--depths", type=int, nargs="+", default=[20, 110])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--target", type=float, default=0.7)
+    p.add_argument("--data_dir", default=str(ROOT.parent / "shared/data/cifar10/mini"))
+    p.add_argument("--out", default="bench/results/learning-curves-cpu.json")
+    p.add_argument("--plot", default="docs/images/learning_curves.png")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.data_dir):
+        p.error(f"--data_dir {args.data_dir} does not exist (CIFAR-10 as *_train/test.npz)")
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    result: dict[str, Any] = {
+        "command": " ".join(["python", "bench/learning_curves.py", *(argv or sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": f"{platform.processor() or platform.machine()} CPU ×{os.cpu_count()}",
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "args": vars(args),
+        "runs": [],
+    }
+    for depth in args.depths:
+        for seed in args.seeds:
+            config = make_config(depth, seed, args)
+            for side, run in zip(SIDES, (run_ours, run_reference), strict=True):
+                print(f"ConvNet-AIG {depth}, seed {seed}: {side}", flush=True)
+                start = time.perf_counter()
+                epochs = run(config)
+                seconds = round(time.perf_counter() - start, 1)
+                result["runs"].append(
+                    {"depth": depth, "seed": seed, "side": side, "seconds": seconds,
+                     "epochs": epochs}
+                )  # fmt: skip
+                os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+                Path(args.out).write_text(json.dumps(result, indent=1))
+    print(table(result["runs"]))
+    plot(result["runs"], args.plot)
+    print(f"wrote {args.out} and {args.plot}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
