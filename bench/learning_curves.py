@@ -1,6 +1,6 @@
 """Learning curves of our trainer against a PyTorch loop that follows the reference recipe.
 
-    python bench/learning_curves.py [--depths 20 110] [--seeds 0 1] [--epochs 10] \
+    python bench/learning_curves.py [--depths 20 110] [--seeds 0 1] [--epochs 10 5] \
         [--data_dir ../shared/data/cifar10/mini] [--out bench/results/learning-curves-cpu.json] \
         [--plot docs/images/learning_curves.png]
 
@@ -15,7 +15,8 @@ evaluated on the test split with sampled gates (the reference's test-time gates)
 and the mean execution rate over blocks, plus the epoch's mean training cross-entropy and
 execution rate. Prints a table, writes JSON (after every run, so an interrupted run keeps what
 it measured; each run's wall time, compiles included) and plots test error and execution rate
-against epoch, both sides, every seed.
+against epoch, both sides, every seed. Runs already in ``--out`` with the same depth, seed, side
+and epochs are kept, so an interrupted or extended invocation only trains what is missing.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from aig_jax.data import make_source  # noqa: E402
 from aig_jax.data.loader import eval_iterator, steps_per_epoch, train_iterator  # noqa: E402
+from aig_jax.model.resnet import ResNet  # noqa: E402
 from aig_jax.model.spec import ModelSpec  # noqa: E402
 from aig_jax.model.variables import init_variables  # noqa: E402
 from aig_jax.train.loop import train_and_evaluate  # noqa: E402
@@ -48,10 +50,10 @@ from configs import default  # noqa: E402
 SIDES = ("aig-jax", "reference")
 
 
-def make_config(depth: int, seed: int, args: argparse.Namespace) -> Any:
+def make_config(depth: int, seed: int, epochs: int, args: argparse.Namespace) -> Any:
     """The reference CIFAR recipe (SGD 0.1, momentum 0.9, wd 5e-4, λ = 2) on ``--data_dir``,
-    evaluated with sampled gates after every epoch; ``--epochs`` keeps the learning rate at
-    0.1 (the reference decays it at epoch 150)."""
+    evaluated with sampled gates after every epoch; ``epochs`` (short: the learning rate stays
+    0.1, the reference decays it from epoch 150)."""
     c = default.get_config()
     c.model = f"resnet{depth}_cifar"
     c.target_rate = args.target
@@ -59,7 +61,7 @@ def make_config(depth: int, seed: int, args: argparse.Namespace) -> Any:
     c.dataset.data_dir = args.data_dir
     c.batch_size = args.batch_size
     c.eval_batch_size = 500
-    c.num_epochs = float(args.epochs)
+    c.num_epochs = float(epochs)
     c.eval_every_epochs = 1.0
     c.eval_gate_modes = ("sample",)
     c.seed = seed
@@ -127,6 +129,8 @@ def run_reference(config: Any) -> list[dict[str, float]]:
     gen = torch.Generator().manual_seed(config.seed)
     spec = ModelSpec.from_config(config)
     model = spec.build()
+    assert isinstance(model, ResNet)
+    targets = [float(t) for t in spec.targets]
     net = ref.TorchResNet(False, model.stage_sizes, model.widths, "cifar", spec.num_classes)
     ref.load_variables(net, init_variables(model, (32, 32, 3), config.seed), model)
     optimizer = ref.make_optimizer(
@@ -148,7 +152,7 @@ def run_reference(config: Any) -> list[dict[str, float]]:
             x = _torch_images(torch, batch["image"])
             noise = ref.torch_gumbel_noise((len(spec.targets), x.shape[0], 2), gen)
             parts = ref.train_step(
-                net, optimizer, x, torch.from_numpy(batch["label"]).long(), spec.targets,
+                net, optimizer, x, torch.from_numpy(batch["label"]).long(), targets,
                 noise, lossfact=config.target_weight,
             )  # fmt: skip
             ce.append(float(parts["ce"]))
@@ -221,11 +225,22 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def _earlier_runs(path: str) -> dict[tuple[int, int, str, int], dict[str, Any]]:
+    """The runs already in ``path`` (an earlier or interrupted invocation), by (depth, seed,
+    side, epochs): a rerun keeps them instead of training them again."""
+    if not os.path.exists(path):
+        return {}
+    runs = json.loads(Path(path).read_text())["runs"]
+    return {(r["depth"], r["seed"], r["side"], len(r["epochs"])): r for r in runs}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--depths", type=int, nargs="+", default=[20, 110])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument(
+        "--epochs", type=int, nargs="+", default=[10, 5], help="per depth (the last one repeats)"
+    )
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--target", type=float, default=0.7)
     p.add_argument("--data_dir", default=str(ROOT.parent / "shared/data/cifar10/mini"))
@@ -246,18 +261,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "args": vars(args),
         "runs": [],
     }
-    for depth in args.depths:
+    done = _earlier_runs(args.out)
+    for i, depth in enumerate(args.depths):
+        epochs = args.epochs[min(i, len(args.epochs) - 1)]
         for seed in args.seeds:
-            config = make_config(depth, seed, args)
+            config = make_config(depth, seed, epochs, args)
             for side, run in zip(SIDES, (run_ours, run_reference), strict=True):
-                print(f"ConvNet-AIG {depth}, seed {seed}: {side}", flush=True)
-                start = time.perf_counter()
-                epochs = run(config)
-                seconds = round(time.perf_counter() - start, 1)
-                result["runs"].append(
-                    {"depth": depth, "seed": seed, "side": side, "seconds": seconds,
-                     "epochs": epochs}
-                )  # fmt: skip
+                key = (depth, seed, side, epochs)
+                if key in done:
+                    print(f"ConvNet-AIG {depth}, seed {seed}: {side} (kept from {args.out})")
+                    entry = done[key]
+                else:
+                    print(f"ConvNet-AIG {depth}, seed {seed}: {side}", flush=True)
+                    start = time.perf_counter()
+                    curve = run(config)
+                    seconds = round(time.perf_counter() - start, 1)
+                    entry = {"depth": depth, "seed": seed, "side": side, "seconds": seconds,
+                             "epochs": curve}  # fmt: skip
+                result["runs"].append(entry)
                 os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
                 Path(args.out).write_text(json.dumps(result, indent=1))
     print(table(result["runs"]))
