@@ -94,7 +94,8 @@ def run_ours(config: Any) -> list[dict[str, float]]:
     return out
 
 
-def _torch_images(torch: Any, image: np.ndarray) -> Any:
+def torch_images(torch: Any, image: np.ndarray) -> Any:
+    """Images [B, H, W, C] as the torch tensor [B, C, H, W] the reference model reads."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(0, 3, 1, 2)))
 
 
@@ -110,7 +111,7 @@ def evaluate_torch(
     with torch.no_grad():
         for batch in eval_iterator(source, config.dataset, global_batch=500, num_threads=2):
             n = int(batch["mask"].sum())
-            x = _torch_images(torch, batch["image"][:n])
+            x = torch_images(torch, batch["image"][:n])
             noise = torch_gumbel_noise((blocks, n, 2), gen)
             logits, gates, _ = net(x, "sample", noise=noise)
             wrong += int((logits.argmax(1).numpy() != batch["label"][:n]).sum())
@@ -119,14 +120,15 @@ def evaluate_torch(
     return 100.0 * wrong / count, float(np.sum(rates, axis=0).mean() / count)
 
 
-def run_reference(config: Any) -> list[dict[str, float]]:
-    """The reference training loop in PyTorch from our initial weights on our batches."""
+def run_reference(config: Any, noise_seed: int | None = None) -> list[dict[str, float]]:
+    """The reference training loop in PyTorch from our initial weights on our batches; its
+    Gumbel noise is drawn from a generator seeded with ``noise_seed`` (default the seed)."""
     import torch
 
     from aig_jax.interop import torch_reference as ref
 
     torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed if noise_seed is None else noise_seed)
     spec = ModelSpec.from_config(config)
     model = spec.build()
     assert isinstance(model, ResNet)
@@ -149,7 +151,7 @@ def run_reference(config: Any) -> list[dict[str, float]]:
         ce, rate = [], []
         for _ in range(spe):
             batch = next(batches)
-            x = _torch_images(torch, batch["image"])
+            x = torch_images(torch, batch["image"])
             noise = ref.torch_gumbel_noise((len(spec.targets), x.shape[0], 2), gen)
             parts = ref.train_step(
                 net, optimizer, x, torch.from_numpy(batch["label"]).long(), targets,
