@@ -112,6 +112,20 @@ def test_resume_falls_back_past_damaged_array_data(run, six_steps, damage, caplo
     assert [m["step"] for m in read_metrics(run, "train")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_finished_run_whose_final_checkpoint_is_damaged_trains_it_again(
+    run, four_steps, caplog, capsys
+):
+    flip_one_bit(largest_data_file(step_dir(run, 4)))
+    with caplog.at_level(logging.WARNING):
+        train_and_evaluate(config(4), run)
+    assert "nothing to do" not in capsys.readouterr().out
+    assert "the final checkpoint does not verify: checkpoint step 4" in caplog.text
+    assert os.path.isdir(os.path.join(run, "checkpoints_corrupt", "4"))
+    retrained, first = restore_state(run, small_config()), restore_state(four_steps, small_config())
+    for a, b in zip(jax.tree.leaves(retrained), jax.tree.leaves(first), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_eval_restore_of_a_damaged_checkpoint_names_it(run):
     flip_one_bit(largest_data_file(os.path.join(step_dir(run, 4), "model")))
     mesh = make_mesh(1)

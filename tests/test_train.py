@@ -684,7 +684,7 @@ def test_finished_workdir_has_nothing_to_do_and_a_shorter_config_is_refused(
     workdir = str(tmp_path)
     train_and_evaluate(small_config(num_train_steps=2), workdir)
     capsys.readouterr()
-    monkeypatch.setattr(loop, "create_train_state", None)  # nothing below compiles
+    monkeypatch.setattr(loop, "compile_together", None)  # no train step is compiled
     assert train_and_evaluate(small_config(num_train_steps=2), workdir) == {}
     assert capsys.readouterr().out == (
         f"nothing to do: step 2 of 2; eval.py --workdir {workdir} to evaluate\n"

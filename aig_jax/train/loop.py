@@ -271,9 +271,18 @@ def _mean_metrics(fetched: list[dict[str, np.ndarray]], count_skipped: bool) -> 
     return means
 
 
-def _check_progress(config: Any, ckpt: checkpoint.Checkpointer, total: int, spe: int) -> bool:
+def _check_progress(
+    config: Any,
+    ckpt: checkpoint.Checkpointer,
+    total: int,
+    spe: int,
+    like: TrainState,
+    spec: ModelSpec,
+) -> bool:
     """Whether steps are left to train: False (after printing so) when the workdir's newest
-    checkpoint is at step ``total``; a :class:`WorkdirError` when it is past it."""
+    checkpoint is at step ``total`` and verifies (restored into ``like``, abstract arrays:
+    nothing compiles); a :class:`WorkdirError` when it is past it. A corrupt final
+    checkpoint leaves steps to train: the resume falls back past it."""
     latest = ckpt.latest_step()
     if latest is None or latest < total:
         return True
@@ -288,6 +297,11 @@ def _check_progress(config: Any, ckpt: checkpoint.Checkpointer, total: int, spe:
             f"{workdir} is already at step {latest} ≥ {length}; train longer or use "
             "another --workdir"
         )
+    try:
+        _restore_checked(ckpt, like, spec, latest)
+    except checkpoint.CorruptCheckpointError as err:
+        logging.warning("the final checkpoint does not verify: %s", err)
+        return True
     if jax.process_index() == 0:
         print(f"nothing to do: step {latest} of {total}; eval.py --workdir {workdir} to evaluate")
     return False
@@ -328,12 +342,16 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
         )
         cleanup.callback(ckpt.close)  # waits for the saves in flight, also after an error
-        if not _check_progress(config, ckpt, total, spe):
+        init = functools.partial(create_train_state, model, tx, (size, size, 3), config.seed)
+        like = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)),
+            jax.eval_shape(init),
+        )
+        if not _check_progress(config, ckpt, total, spe, like, spec):
             return results
         writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
         cleanup.callback(writer.close)
         cleanup.enter_context(jax.set_mesh(mesh))
-        init = functools.partial(create_train_state, model, tx, (size, size, 3), config.seed)
         state = jax.jit(init, out_shardings=replicated(mesh))()
         state = _restore_or_init(ckpt, state, spec, config)
         start = int(state.step)
