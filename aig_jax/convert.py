@@ -11,9 +11,10 @@ Orbax → PyTorch (a reference-code state dict, saved as ``{"state_dict": ...}``
   python -m aig_jax.convert --to-torch DST converted.pth
 
 The source naming (reference or torchvision) is detected from the head's key (``linear`` or
-``fc``) unless ``--from`` is given; the number of classes is read from the head. The target
-rates decide which blocks are gated: by default every block, at the reference's default rate
-(0.6 for CIFAR models, 0.7 otherwise). Needs PyTorch: ``pip install -e .[torch]``.
+``fc``) unless ``--from`` is given; the number of classes is read from the head. Every block
+is gated at the reference's default rate (0.6 for CIFAR models, 0.7 otherwise) unless a schedule
+or rates say otherwise; blocks of rate 1 keep their gates as in the reference and the configs
+(``--gate-rate-one-blocks drop`` leaves them ungated). Needs PyTorch: ``pip install -e .[torch]``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ from aig_jax.interop.pytorch import (
     to_reference_state_dict,
 )
 from aig_jax.model.resnet import DEFAULT_NUM_CLASSES, ResNet, num_blocks
-from aig_jax.model.schedules import GATE_RATE_ONE_BLOCKS, target_rates
+from aig_jax.model.schedules import (
+    GATE_RATE_ONE_BLOCKS,
+    default_rate_one_blocks,
+    target_rates,
+)
 from aig_jax.model.spec import ModelSpec
 from aig_jax.model.variables import abstract_variables
 
@@ -77,13 +82,14 @@ def to_orbax(
     schedule: str | Sequence[float] = "uniform",
     target_rate: float | None = None,
     seed: int = 0,
-    gate_rate_one_blocks: str = "drop",
+    gate_rate_one_blocks: str | None = None,
 ) -> tuple[ModelSpec, Converted]:
     """Convert the PyTorch file ``src`` into an Orbax checkpoint (step 0) in directory ``dst``.
 
     ``model`` is a registry name; ``schedule`` a schedule name or one rate per block, with
-    rate ``target_rate`` (default :func:`default_target_rate`); blocks of rate 1 are ungated, or
-    keep their gates with ``gate_rate_one_blocks="keep"`` (as the reference and the configs).
+    rate ``target_rate`` (default :func:`default_target_rate`); blocks of rate 1 keep their gates
+    (``gate_rate_one_blocks="keep"``, as the reference and the configs) or are ungated ("drop");
+    the default is :func:`~aig_jax.model.schedules.default_rate_one_blocks` of the rates.
     ``naming`` defaults to :func:`detect_naming`. Returns the stored spec and the conversion.
     """
     if os.path.exists(dst) and os.listdir(dst):
@@ -94,7 +100,8 @@ def to_orbax(
     t = default_target_rate(model) if target_rate is None else target_rate
     rates = target_rates(schedule, num_blocks(model), t)
     num_classes = DEFAULT_NUM_CLASSES[model] if head is None else int(head.shape[0])
-    spec = ModelSpec(model, num_classes, rates, gate_rate_one_blocks=gate_rate_one_blocks)
+    rate_one = gate_rate_one_blocks or default_rate_one_blocks(rates)
+    spec = ModelSpec(model, num_classes, rates, gate_rate_one_blocks=rate_one)
     net = spec.build()
     if not isinstance(net, ResNet):
         raise ConfigError(
@@ -150,8 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gate-rate-one-blocks",
         choices=GATE_RATE_ONE_BLOCKS,
-        default="drop",
-        help="keep the gates of rate-1 blocks (the reference, the configs' default) or drop them",
+        help="keep the gates of rate-1 blocks (default, as the reference and the configs) or "
+        "drop them (the default when no block has a rate below 1)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of fresh (torchvision) gates")
     return parser

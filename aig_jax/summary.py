@@ -17,7 +17,12 @@ from typing import Any
 
 from aig_jax.model.flops import ModelCost, model_cost
 from aig_jax.model.resnet import DEFAULT_NUM_CLASSES, MODELS, build_model, num_blocks
-from aig_jax.model.schedules import gated_flags, target_rates
+from aig_jax.model.schedules import (
+    GATE_RATE_ONE_BLOCKS,
+    default_rate_one_blocks,
+    gated_flags,
+    target_rates,
+)
 
 
 def summarize(
@@ -26,13 +31,18 @@ def summarize(
     *,
     image_size: int,
     num_classes: int | None = None,
+    gate_rate_one_blocks: str | None = None,
 ) -> dict[str, Any]:
     """Machine-readable summary: totals and one entry per block.
+
+    Blocks of rate 1 keep their gates or not as ``gate_rate_one_blocks`` says (default
+    :func:`~aig_jax.model.schedules.default_rate_one_blocks` of ``rates``).
 
     Keys: ``model``, ``image_size``, ``params``, ``gate_params``, ``macs`` (all blocks run),
     ``expected_macs`` (blocks run at their target rates), ``blocks`` (list of dicts).
     """
-    model = build_model(name, num_classes=num_classes, gated=gated_flags(rates))
+    rate_one = gate_rate_one_blocks or default_rate_one_blocks(rates)
+    model = build_model(name, num_classes=num_classes, gated=gated_flags(rates, rate_one))
     cost: ModelCost = model_cost(model, image_size)
     blocks = []
     expected = float(cost.fixed_macs)
@@ -103,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--target-rates", type=float, nargs="+", default=None, help="one rate or one per block"
     )
+    parser.add_argument(
+        "--gate-rate-one-blocks",
+        choices=GATE_RATE_ONE_BLOCKS,
+        help="keep the gates of rate-1 blocks (default, as the configs) or drop them (the "
+        "default when no block has a rate below 1)",
+    )
     parser.add_argument("--image-size", type=int, default=None, help="default 32 / 224")
     parser.add_argument("--num-classes", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -120,7 +136,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             rates = target_rates("ungated", n)
         cifar = DEFAULT_NUM_CLASSES.get(args.model) == 10
         size = args.image_size or (32 if cifar else 224)
-        summary = summarize(args.model, rates, image_size=size, num_classes=args.num_classes)
+        summary = summarize(
+            args.model,
+            rates,
+            image_size=size,
+            num_classes=args.num_classes,
+            gate_rate_one_blocks=args.gate_rate_one_blocks,
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -299,7 +299,7 @@ def test_cli_converts_a_reference_checkpoint_and_back(tmp_path, capsys):
     src, dst, back = tmp_path / "model_best.pth.tar", tmp_path / "orbax", tmp_path / "back.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, src)
     argv = [str(src), str(dst), "--model", "resnet8_cifar", "--target-rates", "1,0.5,0.5"]
-    assert main(argv) == 0
+    assert main([*argv, "--gate-rate-one-blocks", "drop"]) == 0
     assert (
         "dropped the checkpoint's gates of the rate-1 blocks stage1_block0"
         in capsys.readouterr().out
@@ -337,7 +337,8 @@ def test_cli_converts_a_bare_torchvision_state_dict_with_fresh_gates(tmp_path, c
     src, dst = tmp_path / "resnet18.pth", tmp_path / "orbax"
     torch.save(net.state_dict(), src)
     rates = "1,0.5,0.5,1,0.5,0.5,1,0.5"
-    assert main([str(src), str(dst), "--model", "resnet18", "--target-rates", rates]) == 0
+    argv = [str(src), str(dst), "--model", "resnet18", "--target-rates", rates]
+    assert main([*argv, "--gate-rate-one-blocks", "drop"]) == 0
     out = capsys.readouterr().out
     assert (
         "initialised fresh gates (seed 0) in stage1_block1, stage2_block0, stage3_block0, " in out
@@ -367,12 +368,13 @@ def test_torch_is_optional_and_not_imported_by_the_package(monkeypatch, tmp_path
         load_torch_state_dict(str(tmp_path / "x.pth"))
 
 
-def test_cli_keeps_the_gates_of_rate_one_blocks_on_request(tmp_path, capsys):
+def test_cli_keeps_the_gates_of_rate_one_blocks_by_default_as_the_configs(tmp_path, capsys):
     net = randomised(TorchResNet(False, (1, 1, 1), CIFAR_WIDTHS, "cifar", 10), seed=9)
     src, dst = tmp_path / "model_best.pth.tar", tmp_path / "orbax"
     torch.save({"state_dict": net.state_dict()}, src)
-    argv = [str(src), str(dst), "--model", "resnet8_cifar", "--target-rates", "1,0.5,0.5"]
-    assert main([*argv, "--gate-rate-one-blocks", "keep"]) == 0
+    assert (
+        main([str(src), str(dst), "--model", "resnet8_cifar", "--target-rates", "1,0.5,0.5"]) == 0
+    )
     assert "dropped" not in capsys.readouterr().out
     meta, directory, step = read_meta(str(dst))
     spec = ModelSpec.from_json(meta["model"])

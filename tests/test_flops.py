@@ -74,6 +74,12 @@ def test_summary_cli_json(capsys):
 def test_summary_cli_table_and_errors(capsys):
     assert summary_main(["resnet50", "--schedule", "resnet50_reference", "--t", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "stage4_block2" in out and "25,701,212 params" in out
+    assert "stage4_block2" in out and "25,768,264 params" in out  # rate-1 gates kept
+    argv = ["resnet50", "--schedule", "resnet50_reference", "--t", "0.5"]
+    argv += ["--gate-rate-one-blocks", "drop"]
+    assert summary_main(argv) == 0
+    assert "25,701,212 params" in capsys.readouterr().out
+    assert summary_main(["resnet50", "--json"]) == 0  # no rate below 1: a plain ResNet
+    assert json.loads(capsys.readouterr().out)["gate_params"] == 0
     assert summary_main(["resnet50", "--target-rates", "0.5", "0.5"]) == 2
     assert "target-rate list has 2 entries but the model has 16 blocks" in capsys.readouterr().err

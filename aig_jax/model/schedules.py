@@ -78,6 +78,12 @@ def target_rates(
 GATE_RATE_ONE_BLOCKS = ("keep", "drop")
 
 
+def default_rate_one_blocks(rates: Sequence[float]) -> str:
+    """The :data:`GATE_RATE_ONE_BLOCKS` choice of tools not told one: "keep", as the reference
+    and the configs' default, unless no block has a rate below 1 (a plain ResNet): "drop"."""
+    return "keep" if any(float(r) < 1.0 for r in rates) else "drop"
+
+
 def gated_flags(rates: Sequence[float], rate_one_blocks: str = "drop") -> tuple[bool, ...]:
     """Which blocks carry a gate: every block with ``rate_one_blocks="keep"``, those whose
     target rate is below 1 with "drop" (see :data:`GATE_RATE_ONE_BLOCKS`)."""
