@@ -16,7 +16,8 @@ recipe of ``learning_curves.py`` (``resnet{depth}_cifar``, every block gated at 
 2. Spread. Each side trains ``--epochs`` epochs under ``--draws`` Gumbel-noise draws (ours: the
    train step with key d; the reference: its loop with a generator seeded d), then is evaluated
    on the test split with sampled gates. Test error and execution rate per draw, their mean,
-   standard deviation and range.
+   standard deviation and range; our trained weights are evaluated by the reference model too,
+   which compares evaluation alone.
 
 Prints both tables, writes JSON after every measurement (a rerun with the same depth, seed and
 epochs keeps the draws already measured) and plots the divergence and the per-draw results.
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from learning_curves import make_config, run_reference, torch_images  # noqa: E402
+from learning_curves import evaluate_torch, make_config, run_reference, torch_images  # noqa: E402
 
 from aig_jax.data import make_source  # noqa: E402
 from aig_jax.data.loader import eval_iterator, steps_per_epoch, train_iterator  # noqa: E402
@@ -202,12 +203,25 @@ def spread_ours(config: Any, draw: int) -> dict[str, float]:
         make_eval_step(ours.model, mesh), state.variables, batches, mesh, gate_mode="sample",
         key=jax.random.key(config.seed + 7), num_layers=len(ours.spec.targets), progress=False,
     )  # fmt: skip
+    theirs = _cross_evaluate(ours, state.variables, config, test_source)
     return {
         "test_error": float(100.0 * (1.0 - preds.correct.mean())),
         "test_rate": float(preds.gates.mean()),
         "train_ce": float(np.mean(ce)),
         "train_rate": float(np.mean(rate)),
+        "reference_eval_test_error": theirs[0],
+        "reference_eval_test_rate": theirs[1],
     }
+
+
+def _cross_evaluate(ours: Ours, variables: Any, config: Any, source: Any) -> tuple[float, float]:
+    """Test error (%) and execution rate of our trained ``variables`` evaluated by the
+    reference model (sampled gates, its own noise): evaluation alone, compared."""
+    import torch
+
+    net, _ = _reference(ours, variables)
+    gen = torch.Generator().manual_seed(config.seed)
+    return evaluate_torch(torch, net, len(ours.spec.targets), config, source, gen)
 
 
 def spread_reference(config: Any, draw: int) -> dict[str, float]:
@@ -249,6 +263,16 @@ def tables(result: dict[str, Any]) -> str:
             cells.append(f"{s['mean']:{fmt}} ± {s['sd']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})")
         ce = statistics([d["train_ce"] for d in draws.values()])["mean"]
         lines.append(f"| {side} | {len(draws)} | " + " | ".join(cells) + f" | {ce:.3g} |")
+    crossed = [
+        d for d in result["spread"].get("aig-jax", {}).values() if "reference_eval_test_rate" in d
+    ]
+    if crossed:
+        error = max(abs(d["reference_eval_test_error"] - d["test_error"]) for d in crossed)
+        rate = max(abs(d["reference_eval_test_rate"] - d["test_rate"]) for d in crossed)
+        lines.append(
+            f"\nOur trained weights evaluated by the reference model ({len(crossed)} draws): "
+            f"test error within {error:.1f} points of ours, execution rate within {rate:.3f}."
+        )
     return "\n".join(lines)
 
 

@@ -69,6 +69,9 @@ def test_tiny_run_measures_both_sides_and_a_rerun_keeps_it(tmp_path, tiny_data, 
         assert 0.0 <= record["test_error"] <= 100.0
         assert 0.0 <= record["test_rate"] <= 1.0
         assert np.isfinite(record["train_ce"])
+    ours = result["spread"]["aig-jax"]["0"]  # our weights evaluated by the reference model too
+    assert 0.0 <= ours["reference_eval_test_error"] <= 100.0
+    assert 0.0 <= ours["reference_eval_test_rate"] <= 1.0
     assert json.loads(out.read_text()) == result
     assert plot.stat().st_size > 0
 
