@@ -238,6 +238,14 @@ def statistics(values: list[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "sd": sd, "min": float(v.min()), "max": float(v.max())}
 
 
+def mean_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """mean(a) − mean(b) and its standard error sqrt(var(a)/n_a + var(b)/n_b) (sample
+    variances; each list needs two values or more)."""
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    se = np.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
+    return float(x.mean() - y.mean()), float(se)
+
+
 def tables(result: dict[str, Any]) -> str:
     """Markdown: the divergence per step, then each side's spread over draws."""
     lines = [
@@ -263,6 +271,17 @@ def tables(result: dict[str, Any]) -> str:
             cells.append(f"{s['mean']:{fmt}} ± {s['sd']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})")
         ce = statistics([d["train_ce"] for d in draws.values()])["mean"]
         lines.append(f"| {side} | {len(draws)} | " + " | ".join(cells) + f" | {ce:.3g} |")
+    ours, theirs = (list(result["spread"].get(side, {}).values()) for side in SIDES)
+    if len(ours) > 1 and len(theirs) > 1:
+        cells = []
+        for key, fmt in (("test_error", ".1f"), ("test_rate", ".3f")):
+            diff, se = mean_difference([d[key] for d in ours], [d[key] for d in theirs])
+            cells.append(f"{key.replace('_', ' ')} {diff:+{fmt}} ± {se:{fmt}}")
+        lines.append(
+            "\nDifference of the means, ours − reference (± its standard error): "
+            + ", ".join(cells)
+            + "."
+        )
     crossed = [
         d for d in result["spread"].get("aig-jax", {}).values() if "reference_eval_test_rate" in d
     ]

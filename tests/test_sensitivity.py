@@ -39,6 +39,12 @@ def test_statistics():
     assert sensitivity.statistics([4.0])["sd"] == 0.0
 
 
+def test_mean_difference_and_its_standard_error():
+    diff, se = sensitivity.mean_difference([1.0, 3.0], [0.0, 0.0, 3.0])
+    # means 2 and 1; sample variances 2 and 3: sqrt(2/2 + 3/3)
+    assert diff == pytest.approx(1.0) and se == pytest.approx(np.sqrt(2.0))
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     rng = np.random.default_rng(0)
