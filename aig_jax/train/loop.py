@@ -395,6 +395,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             save = step % config.checkpoint_every_steps == 0 or step == total or stopping
             if log or evaluate or save:
                 fetched = jax.device_get(pending)  # waits for the steps so far
+                pending = fetched  # host copies: the next log does not fetch them again
                 if not skip:  # nothing after a non-finite step is evaluated or saved
                     _check_finite(fetched, step, config, ckpt)
             if log:
