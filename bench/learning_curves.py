@@ -236,33 +236,44 @@ def _earlier_runs(path: str) -> dict[tuple[int, int, str, int], dict[str, Any]]:
     return {(r["depth"], r["seed"], r["side"], len(r["epochs"])): r for r in runs}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--depths", type=int, nargs="+", default=[20, 110])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument(
-        "--epochs", type=int, nargs="+", default=[10, 5], help="per depth (the last one repeats)"
-    )
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The recipe's flags (``make_config`` reads them): batch size, target rate, data."""
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--target", type=float, default=0.7)
     p.add_argument("--data_dir", default=str(ROOT.parent / "shared/data/cifar10/mini"))
-    p.add_argument("--out", default="bench/results/learning-curves-cpu.json")
-    p.add_argument("--plot", default="docs/images/learning_curves.png")
-    args = p.parse_args(argv)
+
+
+def header(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """The JSON header of a run of ``p``'s script (``p.prog``: its path; command, date, device,
+    versions, flags),
+    after checking ``--data_dir``; lets PyTorch use every core."""
     if not os.path.isdir(args.data_dir):
         p.error(f"--data_dir {args.data_dir} does not exist (CIFAR-10 as *_train/test.npz)")
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    result: dict[str, Any] = {
-        "command": " ".join(["python", "bench/learning_curves.py", *(argv or sys.argv[1:])]),
+    return {
+        "command": " ".join(["python", p.prog, *(argv or sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": f"{platform.processor() or platform.machine()} CPU ×{os.cpu_count()}",
         "jax": jax.__version__,
         "torch": torch.__version__,
         "args": vars(args),
-        "runs": [],
     }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser("bench/learning_curves.py", description=__doc__.split("\n")[0])
+    p.add_argument("--depths", type=int, nargs="+", default=[20, 110])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument(
+        "--epochs", type=int, nargs="+", default=[10, 5], help="per depth (the last one repeats)"
+    )
+    add_recipe_arguments(p)
+    p.add_argument("--out", default="bench/results/learning-curves-cpu.json")
+    p.add_argument("--plot", default="docs/images/learning_curves.png")
+    args = p.parse_args(argv)
+    result: dict[str, Any] = {**header(p, args, argv), "runs": []}
     done = _earlier_runs(args.out)
     for i, depth in enumerate(args.depths):
         epochs = args.epochs[min(i, len(args.epochs) - 1)]

@@ -26,10 +26,8 @@ epochs keeps the draws already measured) and plots the divergence and the per-dr
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -44,7 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from learning_curves import evaluate_torch, make_config, run_reference, torch_images  # noqa: E402
+from learning_curves import (  # noqa: E402
+    add_recipe_arguments,
+    evaluate_torch,
+    header,
+    make_config,
+    run_reference,
+    torch_images,
+)
 
 from aig_jax.data import make_source  # noqa: E402
 from aig_jax.data.loader import eval_iterator, steps_per_epoch, train_iterator  # noqa: E402
@@ -337,31 +342,20 @@ def _earlier(path: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser("bench/sensitivity.py", description=__doc__.split("\n")[0])
     p.add_argument("--depth", type=int, default=110)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=8, help="divergence: steps side by side")
     p.add_argument("--draws", type=int, default=6, help="spread: Gumbel-noise draws per side")
     p.add_argument("--epochs", type=int, default=1, help="spread: epochs per draw")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--target", type=float, default=0.7)
-    p.add_argument("--data_dir", default=str(ROOT.parent / "shared/data/cifar10/mini"))
+    add_recipe_arguments(p)
     p.add_argument("--out", default="bench/results/sensitivity-cpu.json")
     p.add_argument("--plot", default="docs/images/sensitivity.png")
     args = p.parse_args(argv)
-    if not os.path.isdir(args.data_dir):
-        p.error(f"--data_dir {args.data_dir} does not exist (CIFAR-10 as *_train/test.npz)")
-    import torch
-
-    torch.set_num_threads(os.cpu_count() or 1)
+    run_header = header(p, args, argv)
     earlier = _earlier(args.out, args)
     result: dict[str, Any] = {
-        "command": " ".join(["python", "bench/sensitivity.py", *(argv or sys.argv[1:])]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": f"{platform.processor() or platform.machine()} CPU ×{os.cpu_count()}",
-        "jax": jax.__version__,
-        "torch": torch.__version__,
-        "args": vars(args),
+        **run_header,
         "divergence": earlier.get("divergence", []),
         "spread": {side: earlier.get("spread", {}).get(side, {}) for side in SIDES},
     }
