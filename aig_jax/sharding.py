@@ -39,6 +39,14 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
     return jax.NamedSharding(mesh, jax.P())
 
 
+def replicated_like(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``jax.ShapeDtypeStruct`` of each leaf of ``tree`` (arrays or abstract values), replicated
+    over ``mesh``: the target of a restore, or the arguments of a compile, without arrays."""
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), tree
+    )
+
+
 def batch_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
     """Sharding of batches: the leading axis split over ``data``."""
     return jax.NamedSharding(mesh, jax.P("data"))

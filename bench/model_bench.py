@@ -22,7 +22,7 @@ from profiling import profile_compile, profile_step
 from aig_jax.eval.step import make_eval_step
 from aig_jax.inference.skipping import choose_path, make_fast_eval_step
 from aig_jax.model.resnet import build_model
-from aig_jax.sharding import batch_sharded, make_mesh, replicated, shard_batch
+from aig_jax.sharding import batch_sharded, make_mesh, replicated, replicated_like, shard_batch
 from aig_jax.train.state import create_train_state
 from aig_jax.train.step import make_train_step
 
@@ -287,9 +287,7 @@ def abstract_train_step(
     [size, size, 3] and the key. Compiling needs no arrays and no device."""
     tx, step = bench_train_step(model)
     abstract = jax.eval_shape(lambda: create_train_state(model, tx, (size, size, 3), 0))
-    state = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), abstract
-    )
+    state = replicated_like(abstract, mesh)
     shapes = {
         "image": ((batch, size, size, 3), jnp.float32),
         "label": ((batch,), jnp.int32),

@@ -14,7 +14,7 @@ from aig_jax import checkpoint
 from aig_jax.errors import ConfigError, NonFiniteError
 from aig_jax.model.spec import ModelSpec
 from aig_jax.model.variables import abstract_variables
-from aig_jax.sharding import replicated
+from aig_jax.sharding import replicated_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +59,7 @@ def restore(path: str, mesh: jax.sharding.Mesh, config: Any | None = None) -> Re
             )
     model = spec.build()
     size = config.dataset.image_size
-    like = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)),
-        abstract_variables(model, (size, size, 3)),
-    )
+    like = replicated_like(abstract_variables(model, (size, size, 3)), mesh)
     variables = checkpoint.load_variables(directory, step, like)
     check_finite(variables, f"checkpoint {directory} step {step}")
     return Restored(spec, model, variables, config, directory, step)

@@ -15,7 +15,7 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -37,6 +37,7 @@ from aig_jax.sharding import (
     make_mesh,
     prefetch_to_mesh,
     replicated,
+    replicated_like,
 )
 from aig_jax.train import workdir as workdir_lock
 from aig_jax.train.config_checks import validate_config
@@ -276,13 +277,14 @@ def _check_progress(
     ckpt: checkpoint.Checkpointer,
     total: int,
     spe: int,
-    like: TrainState,
+    init: Callable[[], TrainState],
     spec: ModelSpec,
+    mesh: jax.sharding.Mesh,
 ) -> bool:
     """Whether steps are left to train: False (after printing so) when the workdir's newest
-    checkpoint is at step ``total`` and verifies (restored into ``like``, abstract arrays:
-    nothing compiles); a :class:`WorkdirError` when it is past it. A corrupt final
-    checkpoint leaves steps to train: the resume falls back past it."""
+    checkpoint is at step ``total`` and verifies (restored into the abstract state of ``init``
+    on ``mesh``: nothing compiles); a :class:`WorkdirError` when it is past it. A corrupt
+    final checkpoint leaves steps to train: the resume falls back past it."""
     latest = ckpt.latest_step()
     if latest is None or latest < total:
         return True
@@ -298,7 +300,7 @@ def _check_progress(
             "another --workdir"
         )
     try:
-        _restore_checked(ckpt, like, spec, latest)
+        _restore_checked(ckpt, replicated_like(jax.eval_shape(init), mesh), spec, latest)
     except checkpoint.CorruptCheckpointError as err:
         logging.warning("the final checkpoint does not verify: %s", err)
         return True
@@ -343,11 +345,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         )
         cleanup.callback(ckpt.close)  # waits for the saves in flight, also after an error
         init = functools.partial(create_train_state, model, tx, (size, size, 3), config.seed)
-        like = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)),
-            jax.eval_shape(init),
-        )
-        if not _check_progress(config, ckpt, total, spe, like, spec):
+        if not _check_progress(config, ckpt, total, spe, init, spec, mesh):
             return results
         writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
         cleanup.callback(writer.close)
