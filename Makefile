@@ -27,4 +27,4 @@ demo: install
 	$(PY) train.py --config configs/tiny.py --workdir workdirs/tiny
 
 bench: install
-	$(PY) bench/bench.py --small
+	$(PY) -m bench.speed --small

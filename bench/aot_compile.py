@@ -4,10 +4,10 @@ time on the CPU, gives each model variant's compile time and kernel launches per
 Usage (from the repository root)::
 
     pip install "jax-cuda12-plugin[with-cuda]==0.10.2"   # the installed jaxlib's version
-    python bench/aot_compile.py                          # H100, AIG-ResNet-50 and -110, batch 256
-    python bench/aot_compile.py --models resnet110_cifar --variants gated --repeats 3
-    python bench/aot_compile.py --models resnet50 --profile    # where each compile's time goes
-    python bench/aot_compile.py --target cpu --tiny      # this host's CPU; no plugin needed
+    python -m bench.aot_compile                          # H100, AIG-ResNet-50 and -110, batch 256
+    python -m bench.aot_compile --models resnet110_cifar --variants gated --repeats 3
+    python -m bench.aot_compile --models resnet50 --profile    # where each compile's time goes
+    python -m bench.aot_compile --target cpu --tiny      # this host's CPU; no plugin needed
 
 No GPU or driver is needed (the plugin's ``with-cuda`` extra brings the CUDA compiler it runs),
 and JAX is kept on the CPU backend: the plugin's compiler reads the card's description from
@@ -34,22 +34,18 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a target needs no device of it
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-
-from launches import compiled_kernels, dumped_launches, kernel_launches
-from model_bench import VARIANT_NAMES, VARIANTS, abstract_train_step, compile_timed
-from table import aligned, fmt, phase_list
-
 from aig_jax.compilation_cache import enable_compilation_cache
 from aig_jax.model.resnet import build_model
-from bench import SIZES, select_models
+from bench.launches import compiled_kernels, dumped_launches, kernel_launches
+from bench.model_bench import VARIANT_NAMES, VARIANTS, abstract_train_step, compile_timed
+from bench.speed import SIZES, select_models
+from bench.table import aligned, fmt, phase_list
 
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
 

@@ -1,12 +1,12 @@
 """Learning curves of our trainer against a PyTorch loop that follows the reference recipe.
 
-    python bench/learning_curves.py [--depths 20 110] [--seeds 0 1] [--epochs 10 5] \
+    python -m bench.learning_curves [--depths 20 110] [--seeds 0 1] [--epochs 10 5] \
         [--data_dir ../shared/data/cifar10/mini] [--out bench/results/learning-curves-cpu.json] \
         [--plot docs/images/learning_curves.png]
 
 For each depth (ConvNet-AIG ``resnet{depth}_cifar``, every block gated at ``--target``) and
 seed, both sides start from the same weights (ours, at the config's initialisation, loaded
-into the reference architecture built in PyTorch: :mod:`aig_jax.interop.torch_reference`) and
+into the reference architecture built in PyTorch: :mod:`tests.torch_reference`) and
 see the same batches in the same order (our deterministic loader, augmented once, fed to
 both). Ours is ``train.py``'s loop (:func:`aig_jax.train.loop.train_and_evaluate`); theirs is
 the reference ``train.py``'s step (cross-entropy + λ·target-rate loss, SGD with momentum and
@@ -36,7 +36,6 @@ import jax
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from aig_jax.data import make_source  # noqa: E402
 from aig_jax.data.loader import eval_iterator, steps_per_epoch, train_iterator  # noqa: E402
@@ -104,7 +103,7 @@ def evaluate_torch(
 ) -> tuple[float, float]:
     """Test error (%) and mean execution rate of ``net`` (``blocks`` residual blocks) with
     sampled gates, BatchNorm in evaluation mode, over the whole test split."""
-    from aig_jax.interop.torch_reference import torch_gumbel_noise
+    from tests.torch_reference import torch_gumbel_noise
 
     net.eval()
     wrong, rates, count = 0, [], 0
@@ -125,7 +124,7 @@ def run_reference(config: Any, noise_seed: int | None = None) -> list[dict[str, 
     Gumbel noise is drawn from a generator seeded with ``noise_seed`` (default the seed)."""
     import torch
 
-    from aig_jax.interop import torch_reference as ref
+    from tests import torch_reference as ref
 
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed if noise_seed is None else noise_seed)
@@ -263,7 +262,9 @@ def header(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser("bench/learning_curves.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        "python -m bench.learning_curves", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--depths", type=int, nargs="+", default=[20, 110])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument(

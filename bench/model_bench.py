@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from profiling import profile_compile, profile_step
 
 from aig_jax.eval.step import make_eval_step
 from aig_jax.inference.skipping import choose_path, make_fast_eval_step
@@ -25,6 +24,7 @@ from aig_jax.model.resnet import build_model
 from aig_jax.sharding import batch_sharded, make_mesh, replicated, replicated_like, shard_batch
 from aig_jax.train.state import create_train_state
 from aig_jax.train.step import make_train_step
+from bench.profiling import profile_compile, profile_step
 
 #: (result key, gated) of each measured variant of a model: the gated model and the ungated
 #: one of the same architecture.

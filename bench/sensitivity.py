@@ -1,11 +1,11 @@
 """How sensitive ConvNet-AIG's first training steps are, in our trainer and in the reference's.
 
-    python bench/sensitivity.py [--depth 110] [--seed 0] [--steps 8] [--draws 6] [--epochs 1] \
+    python -m bench.sensitivity [--depth 110] [--seed 0] [--steps 8] [--draws 6] [--epochs 1] \
         [--data_dir ../shared/data/cifar10/mini] [--out bench/results/sensitivity-cpu.json] \
         [--plot docs/images/sensitivity.png]
 
 Everything starts from one set of initial weights (ours at the config's initialisation, loaded
-into the reference model of :mod:`aig_jax.interop.torch_reference`) and one batch order, the
+into the reference model of :mod:`tests.torch_reference`) and one batch order, the
 recipe of ``learning_curves.py`` (``resnet{depth}_cifar``, every block gated at ``--target``):
 
 1. Divergence. Pairs trained side by side for ``--steps`` steps on the same batches with the
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,17 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from learning_curves import (  # noqa: E402
-    add_recipe_arguments,
-    evaluate_torch,
-    header,
-    make_config,
-    run_reference,
-    torch_images,
-)
 
 from aig_jax.data import make_source  # noqa: E402
 from aig_jax.data.loader import eval_iterator, steps_per_epoch, train_iterator  # noqa: E402
@@ -61,6 +49,14 @@ from aig_jax.sharding import make_mesh  # noqa: E402
 from aig_jax.train.optim import learning_rate_schedule, make_optimizer  # noqa: E402
 from aig_jax.train.state import TrainState, create_train_state  # noqa: E402
 from aig_jax.train.step import make_train_step  # noqa: E402
+from bench.learning_curves import (  # noqa: E402
+    add_recipe_arguments,
+    evaluate_torch,
+    header,
+    make_config,
+    run_reference,
+    torch_images,
+)
 
 SIDES = ("aig-jax", "reference")
 PAIRS = ("ours vs ours nudged", "reference vs reference nudged", "ours vs reference")
@@ -123,7 +119,7 @@ def _reference(ours: Ours, variables: Any) -> tuple[Any, Any]:
     """The reference model holding ``variables`` and its SGD, as ``run_reference`` builds."""
     import torch
 
-    from aig_jax.interop import torch_reference as ref
+    from tests import torch_reference as ref
 
     c = ours.config
     net = ref.TorchResNet(
@@ -142,7 +138,7 @@ def divergence(config: Any, steps: int) -> list[dict[str, Any]]:
     and each run's cross-entropy."""
     import torch
 
-    from aig_jax.interop import torch_reference as ref
+    from tests import torch_reference as ref
 
     source = make_source(config.dataset, config.dataset.train_split)
     ours = Ours(config, steps_per_epoch(len(source), config.batch_size))
@@ -342,7 +338,7 @@ def _earlier(path: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser("bench/sensitivity.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser("python -m bench.sensitivity", description=__doc__.split("\n")[0])
     p.add_argument("--depth", type=int, default=110)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=8, help="divergence: steps side by side")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from model_bench import VARIANT_NAMES
+from bench.model_bench import VARIANT_NAMES
 
 
 def fmt(value: Any) -> str:

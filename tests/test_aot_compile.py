@@ -8,19 +8,17 @@ import sys
 
 import pytest
 
+from bench import aot_compile
+from tests.conftest import HANG_GUARD_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-
-import aot_compile  # noqa: E402  (bench/ is not a package)
-
-from tests.conftest import HANG_GUARD_S  # noqa: E402
 
 
 def _run(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "aot_compile.py"), *args],
+        [sys.executable, "-m", "bench.aot_compile", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""bench/bench.py runs end to end (its smallest setting) and writes the documented JSON."""
+"""python -m bench.speed runs end to end (its smallest setting) and writes the documented JSON."""
 
 import json
 import math
@@ -9,14 +9,10 @@ import sys
 import jax
 import pytest
 
+from bench import model_bench, speed, table
+from tests.conftest import HANG_GUARD_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-
-import model_bench  # noqa: E402
-import table  # noqa: E402
-
-import bench  # noqa: E402  (bench/ is not a package)
-from tests.conftest import HANG_GUARD_S  # noqa: E402
 
 
 def _positive(value):
@@ -27,7 +23,7 @@ def _run_bench(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--tiny", *args],
+        [sys.executable, "-m", "bench.speed", "--tiny", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -94,14 +90,14 @@ def test_bench_sections_measure_only_what_is_asked(tmp_path):
 
 
 def test_models_option_keeps_the_named_models_in_order_and_names_unknown_ones():
-    models = bench.SIZES["full"]["models"]
-    assert bench.select_models(models, None) == models
-    assert bench.select_models(models, ["resnet110_cifar"]) == [("resnet110_cifar", 32, 256)]
-    assert bench.select_models(models, ["resnet110_cifar", "resnet50"]) == models
+    models = speed.SIZES["full"]["models"]
+    assert speed.select_models(models, None) == models
+    assert speed.select_models(models, ["resnet110_cifar"]) == [("resnet110_cifar", 32, 256)]
+    assert speed.select_models(models, ["resnet110_cifar", "resnet50"]) == models
     with pytest.raises(ValueError, match=r"--models \['resnet18'\] not among"):
-        bench.select_models(models, ["resnet18", "resnet50"])
+        speed.select_models(models, ["resnet18", "resnet50"])
     with pytest.raises(SystemExit):
-        bench.main(["--tiny", "--models", "resnet50"])
+        speed.main(["--tiny", "--models", "resnet50"])
 
 
 def test_variants_and_profile_measure_only_the_asked_variants(tmp_path):
@@ -129,7 +125,7 @@ def test_variants_and_profile_measure_only_the_asked_variants(tmp_path):
 def test_variants_are_the_gated_and_the_ungated_model():
     assert model_bench.VARIANT_NAMES == ("gated", "ungated")
     with pytest.raises(SystemExit):  # --variants takes only these
-        bench.main(["--tiny", "--variants", "gated", "other"])
+        speed.main(["--tiny", "--variants", "gated", "other"])
 
 
 def test_a_failed_variant_raises(monkeypatch):
@@ -161,7 +157,7 @@ def test_the_table_lists_each_variant_and_the_ratios():
 
 @pytest.fixture
 def restored_jax_cache_config():
-    """bench.main points JAX's persistent cache elsewhere and turns it off: put back the
+    """speed.main points JAX's persistent cache elsewhere and turns it off: put back the
     test session's settings afterwards."""
     from aig_jax.compilation_cache import enable_compilation_cache
 
@@ -193,7 +189,7 @@ def test_an_interrupted_bench_keeps_the_figures_measured_so_far(
     out = tmp_path / "stopped.json"
     args = ["--tiny", "--sections", "models", "--variants", "gated", "ungated", "--out", str(out)]
     with pytest.raises(KeyboardInterrupt):
-        bench.main(args)
+        speed.main(args)
     (model,) = json.loads(out.read_text())["models"]
     assert model["model"] == "resnet8_cifar" and model["gated"] == train
     assert "ungated" not in model and "ratios" not in model

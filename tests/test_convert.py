@@ -1,6 +1,6 @@
 """PyTorch interop: parity with a PyTorch ConvNet-AIG, torchvision weights, round trips, CLI.
 
-The PyTorch model (:mod:`aig_jax.interop.torch_reference`) is the reference code's architecture
+The PyTorch model (:mod:`tests.torch_reference`) is the reference code's architecture
 (andreasveit/convnet-aig) with its module names: projection shortcut ``shortcut`` = (1×1 conv,
 BN), gate = global average pool → 1×1 conv ``fc1`` (C→16, bias) → BatchNorm1d ``fc1bn`` → ReLU
 → 1×1 conv ``fc2`` (16→2) → decision (index 1 = execute), masked residual
@@ -33,7 +33,7 @@ from aig_jax.model.variables import abstract_variables
 from tests.conftest import run_cli, user_error_line
 
 torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install -e .[torch]")
-from aig_jax.interop.torch_reference import TorchResNet  # noqa: E402 (needs torch)
+from tests.torch_reference import TorchResNet  # noqa: E402 (needs torch)
 
 tnn = torch.nn
 

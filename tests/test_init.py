@@ -21,7 +21,7 @@ from aig_jax.model.resnet import CIFAR_WIDTHS, IMAGENET_WIDTHS, ResNet, with_ini
 from aig_jax.model.variables import init_variables
 
 torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install -e .[torch]")
-from aig_jax.interop import torch_reference as ref  # noqa: E402 (needs torch)
+from tests import torch_reference as ref  # noqa: E402 (needs torch)
 
 CASES = {
     "cifar": dict(bottleneck=False, stage_sizes=(3, 3, 3), widths=CIFAR_WIDTHS, classes=10),

@@ -4,19 +4,17 @@ real GPU program where JAX's CUDA plugin is installed)."""
 
 import importlib.util
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from aig_jax.compilation_cache import enable_compilation_cache
+from bench import launches
+from bench.launches import Launches
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import launches  # noqa: E402  (bench/ is not a package)
-from launches import Launches  # noqa: E402
-
-from aig_jax.compilation_cache import enable_compilation_cache  # noqa: E402
 
 # Entry: 2 kernels, a 3-trip loop (body 2 kernels, condition 1), a call (1 kernel) and an async
 # copy (its start launches, its done does not); tuples, parameters and bitcasts launch nothing.
@@ -224,7 +222,7 @@ def _has_cuda_plugin() -> bool:
     reason="compiling for a GPU target needs JAX's CUDA plugin (not installed by `make test`)",
 )
 def test_a_real_gpu_program_launches_every_kernel_once(tmp_path):
-    import aot_compile
+    from bench import aot_compile
 
     mesh = jax.make_mesh(
         (1,),

@@ -1,7 +1,6 @@
 """bench/learning_curves.py: a rerun keeps the runs already in its JSON, and the table averages
 each side over seeds."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,12 +10,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "learning_curves", REPO / "bench/learning_curves.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import learning_curves
+
+    return learning_curves
 
 
 def _run(depth, seed, side, errors):

@@ -2,19 +2,17 @@
 compiler phases a compilation spent its time in."""
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.profiler import ProfileData
 
+from aig_jax.compilation_cache import enable_compilation_cache
+from bench import profiling
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import profiling  # noqa: E402  (bench/ is not a package)
-
-from aig_jax.compilation_cache import enable_compilation_cache  # noqa: E402
 
 HLO = """HloModule jit_step, is_scheduled=true
 

@@ -2,16 +2,14 @@
 run whose rerun keeps what was measured."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+from bench import sensitivity
 
-import sensitivity  # noqa: E402  (bench/ is not a package)
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_nudge_moves_every_float32_element_one_ulp_up_and_nothing_else():

@@ -4,7 +4,7 @@ From the same weights (converted with :mod:`aig_jax.interop.pytorch`), the same 
 same Gumbel noise (the noise our gates draw, from :func:`torch_reference.jax_gate_noise`, fed
 to the PyTorch gates), three SGD steps of :func:`aig_jax.train.step.make_train_step` with
 :func:`aig_jax.train.optim.make_optimizer` and three of
-:func:`aig_jax.interop.torch_reference.train_step` give the same loss, cross-entropy,
+:func:`tests.torch_reference.train_step` give the same loss, cross-entropy,
 target-rate loss and gate decisions at every step, and the same parameters, momentum buffers
 and BatchNorm running statistics after each. And the configs' learning rate is the scripts' in
 every epoch.
@@ -49,7 +49,7 @@ from aig_jax.train.state import TrainState
 from aig_jax.train.step import make_train_step
 
 torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install -e .[torch]")
-from aig_jax.interop import torch_reference as ref  # noqa: E402 (needs torch)
+from tests import torch_reference as ref  # noqa: E402 (needs torch)
 
 STEPS = 3
 BATCH = 8

@@ -2,9 +2,9 @@
 
 Usage (from the repository root)::
 
-    python bench/bench.py --small            # CPU-sized models and batches
-    python bench/bench.py                    # AIG-ResNet-50 224² and AIG-ResNet-110 32², batch 256
-    python bench/bench.py --dtype bfloat16 --cache-dir /tmp/jax-cache
+    python -m bench.speed --small            # CPU-sized models and batches
+    python -m bench.speed                    # AIG-ResNet-50 224² and AIG-ResNet-110 32², batch 256
+    python -m bench.speed --dtype bfloat16 --cache-dir /tmp/jax-cache
 
 One run measures, on whatever backend JAX finds: train-step and inference images/s of each gated
 model and of the ungated model of the same architecture (``--variants`` picks which); trace and
@@ -26,19 +26,15 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from typing import Any
 
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-
-from input_bench import bench_loop, bench_pipeline
-from model_bench import VARIANT_NAMES, bench_compile_cache, bench_model
-from table import table
-
 from aig_jax.compilation_cache import enable_compilation_cache
+from bench.input_bench import bench_loop, bench_pipeline
+from bench.model_bench import VARIANT_NAMES, bench_compile_cache, bench_model
+from bench.table import table
 
 #: (model, image size, batch) per size; "tiny" is for the test that the script runs.
 SIZES: dict[str, dict[str, Any]] = {
