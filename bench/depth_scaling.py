@@ -45,7 +45,7 @@ from bench.table import aligned, fmt
 from configs import default
 from tests import torch_reference as ref
 
-BIG = 200  # fused instructions: more than one block's elementwise work
+BIG = 100  # fused instructions: more than one block's elementwise work (with barriers < 60)
 Built = tuple[Callable[[], Any], Any, float]  # run one step, the compiled program, compile s
 
 
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["python -m bench.depth_scaling", *(argv or sys.argv[1:])]),
         "device": f"{platform.processor() or platform.machine()} CPU ×{os.cpu_count()}",
         "versions": f"jax {jax.__version__}, torch {torch.__version__}, batch {args.batch}",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "rows": [],
     }
     first: dict[str, float] = {}
