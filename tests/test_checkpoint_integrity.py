@@ -119,7 +119,7 @@ def test_finished_run_whose_final_checkpoint_is_damaged_trains_it_again(
     with caplog.at_level(logging.WARNING):
         train_and_evaluate(config(4), run)
     assert "nothing to do" not in capsys.readouterr().out
-    assert "the final checkpoint does not verify: checkpoint step 4" in caplog.text
+    assert "checkpoint step 4 is corrupt: moved to" in caplog.text
     assert os.path.isdir(os.path.join(run, "checkpoints_corrupt", "4"))
     retrained, first = restore_state(run, small_config()), restore_state(four_steps, small_config())
     for a, b in zip(jax.tree.leaves(retrained), jax.tree.leaves(first), strict=True):

@@ -28,8 +28,8 @@ from aig_jax.sharding import make_mesh, replicate, shard_batch
 from aig_jax.train import loop
 from aig_jax.train import workdir as workdir_lock
 from aig_jax.train.config_checks import validate_config
-from aig_jax.train.loop import LoopTimer, train_and_evaluate
-from aig_jax.train.metrics import read_metrics
+from aig_jax.train.loop import train_and_evaluate
+from aig_jax.train.metrics import LoopTimer, read_metrics
 from aig_jax.train.optim import gate_mask, learning_rate_schedule, make_optimizer
 from aig_jax.train.state import create_train_state
 from aig_jax.train.step import make_train_step
@@ -81,12 +81,9 @@ def restore_state(workdir, config, step=None):
     like = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one_device), shapes
     )
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        variables, opt_state, meta = ckpt.restore(like.variables, like.opt_state, step)
-    finally:
-        ckpt.close()
-    return variables, opt_state, meta
+    path = workdir if step is None else os.path.join(workdir, "checkpoints", str(step))
+    saved = checkpoint.restore_or_init(path, like.variables, like.opt_state, spec)
+    return saved.variables, saved.opt_state, saved.meta
 
 
 def assert_trees_close(a, b, atol):
@@ -689,7 +686,7 @@ def test_finished_workdir_has_nothing_to_do_and_a_shorter_config_is_refused(
     assert capsys.readouterr().out == (
         f"nothing to do: step 2 of 2; eval.py --workdir {workdir} to evaluate\n"
     )
-    with pytest.raises(WorkdirError, match=r"already at step 2 ≥ num_train_steps 1"):
+    with pytest.raises(WorkdirError, match=r"already at step 2, past this run's final step 1"):
         train_and_evaluate(small_config(num_train_steps=1), workdir)
     assert [m["step"] for m in read_metrics(workdir, "train")] == [1, 2]
 

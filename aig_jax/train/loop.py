@@ -13,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
-import time
 from collections.abc import Callable, Iterator
-from types import FrameType
 from typing import Any
 
 import jax
@@ -27,7 +24,7 @@ from tqdm.auto import tqdm
 
 from aig_jax import checkpoint
 from aig_jax.data import make_source, steps_per_epoch, train_iterator
-from aig_jax.errors import NonFiniteError, WorkdirError
+from aig_jax.errors import NonFiniteError
 from aig_jax.eval import gate_stats, plots
 from aig_jax.eval.evaluators import Classification, EvalContext
 from aig_jax.model.spec import ModelSpec
@@ -41,36 +38,11 @@ from aig_jax.sharding import (
 )
 from aig_jax.train import workdir as workdir_lock
 from aig_jax.train.config_checks import validate_config
-from aig_jax.train.metrics import MetricsWriter
+from aig_jax.train.metrics import LoopTimer, MetricsWriter, mean_metrics
 from aig_jax.train.optim import learning_rate_schedule, make_optimizer
+from aig_jax.train.signals import StopOnSignal
 from aig_jax.train.state import TrainState, create_train_state
 from aig_jax.train.step import make_train_step
-
-
-class _StopOnSignal:
-    """Turns the first SIGTERM/SIGINT into a flag, so the loop can checkpoint and exit."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        del frame
-        logging.warning("signal %d: saving a checkpoint before exiting", signum)
-        self.requested = True
-        signal.signal(signum, self._previous[signum])  # a second signal acts as usual
-
-    def __enter__(self) -> _StopOnSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals cannot be caught here
-                pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _meta(spec: ModelSpec, config: Any, step: int, steps_per_epoch_: int) -> dict[str, Any]:
@@ -82,111 +54,18 @@ def _meta(spec: ModelSpec, config: Any, step: int, steps_per_epoch_: int) -> dic
     }
 
 
-class LoopTimer:
-    """Training throughput between log lines, leaving out evaluation and checkpointing.
-
-    ``input_wait_fraction`` is the share of the training time the loop spent waiting for the
-    host input pipeline: near 0 when the device (or dispatch) is the bottleneck, near 1 when
-    the pipeline starves the device.
-    """
-
-    def __init__(self, step: int) -> None:
-        self._tick = time.perf_counter()
-        self._step = step
-        self._paused = 0.0
-        self._waited = 0.0
-
-    def wait_for(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
-        """The next batch (None at the end), timing the wait."""
-        start = time.perf_counter()
-        batch = next(batches, None)
-        self._waited += time.perf_counter() - start
-        return batch
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Time spent inside is not training time."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._paused += time.perf_counter() - start
-
-    def lap(self, step: int, batch_size: int) -> dict[str, float]:
-        """``images_per_sec`` and ``input_wait_fraction`` since the last lap (the metrics
-        fetched just before were waited for, so the device has finished those steps)."""
-        now = time.perf_counter()
-        seconds = max(now - self._tick - self._paused, 1e-9)
-        out = {
-            "images_per_sec": (step - self._step) * batch_size / seconds,
-            "input_wait_fraction": self._waited / seconds,
-        }
-        self._tick, self._step, self._paused, self._waited = now, step, 0.0, 0.0
-        return out
-
-
-def _restore_checked(
-    ckpt: checkpoint.Checkpointer, state: TrainState, spec: ModelSpec, step: int
+def _initial_state(
+    init: Callable[[], TrainState], saved: checkpoint.Saved | None, mesh: jax.sharding.Mesh
 ) -> TrainState:
-    """The state saved at ``step``, verified; :class:`~aig_jax.checkpoint.CheckpointError`
-    if it is for another model."""
-    meta, _, _ = checkpoint.read_meta(os.path.join(ckpt.directory, str(step)))
-    problem = spec.mismatch(ModelSpec.from_json(meta["model"]))
-    if problem:
-        raise checkpoint.CheckpointError(
-            f"the checkpoint in {ckpt.directory} is for another model: {problem}"
-        )
-    variables, opt_state, meta = ckpt.restore(state.variables, state.opt_state, step)
-    restored_step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state.step.sharding)
-    return TrainState(restored_step, variables["params"], variables["batch_stats"], opt_state)
-
-
-def _resume(ckpt: checkpoint.Checkpointer, state: TrainState, spec: ModelSpec) -> TrainState:
-    """Restore the newest checkpoint that verifies, moving newer corrupt ones aside.
-
-    Corrupt checkpoints (unreadable, or an array that does not match its checksum) newer than
-    the one restored move to ``<workdir>/checkpoints_corrupt/``: kept for inspection, out of
-    the rotated directory, and their steps free to be saved again. When none restores nothing
-    moves, and a :class:`~aig_jax.checkpoint.CheckpointError` names the newest one's problem.
-    """
-    corrupt: list[tuple[int, checkpoint.CorruptCheckpointError]] = []
-    for step in reversed(ckpt.all_steps()):
-        try:
-            restored = _restore_checked(ckpt, state, spec, step)
-        except checkpoint.CorruptCheckpointError as err:
-            logging.warning("%s", err)
-            corrupt.append((step, err))
-            continue
-        for bad, _ in corrupt:
-            logging.warning(
-                "checkpoint step %d is corrupt: moved to %s; resuming from step %d",
-                bad, ckpt.set_aside(bad), step,
-            )  # fmt: skip
-        logging.info("resuming from step %d in %s", step, ckpt.directory)
-        return restored
-    raise checkpoint.CheckpointError(
-        f"no checkpoint in {ckpt.directory} can be restored; the newest: {corrupt[0][1]}"
-    )
-
-
-def _restore_or_init(
-    ckpt: checkpoint.Checkpointer, state: TrainState, spec: ModelSpec, config: Any
-) -> TrainState:
-    """Resume from the newest good checkpoint, else start from ``config.init_from``, else
-    ``state``."""
-    if ckpt.all_steps():
-        return _resume(ckpt, state, spec)
-    if config.init_from:
-        meta, directory, step = checkpoint.read_meta(config.init_from)
-        problem = spec.mismatch(ModelSpec.from_json(meta["model"]))
-        if problem:
-            raise checkpoint.CheckpointError(f"init_from {config.init_from}: {problem}")
-        variables = checkpoint.load_variables(directory, step, state.variables)
-        logging.info("initialised from %s (step %d)", directory, step)
-        return TrainState(
-            state.step, variables["params"], variables["batch_stats"], state.opt_state
-        )
-    return state
+    """The state to train from: ``saved`` (a resumed run's, or ``init_from``'s variables with
+    a fresh optimiser state), else ``init()``, replicated over ``mesh``."""
+    if saved is not None and saved.opt_state is not None:
+        step = jax.device_put(jnp.asarray(saved.step, jnp.int32), replicated(mesh))
+        return TrainState(step, **saved.variables, opt_state=saved.opt_state)
+    state = jax.jit(init, out_shardings=replicated(mesh))()
+    if saved is None:
+        return state
+    return state.replace(**saved.variables)
 
 
 def _evaluate(
@@ -258,57 +137,6 @@ def _check_finite(
         )
 
 
-def _mean_metrics(fetched: list[dict[str, np.ndarray]], count_skipped: bool) -> dict[str, Any]:
-    """Means over the steps whose update was applied; with ``count_skipped`` also
-    ``skipped_steps``, the number of the others."""
-    applied = [m for m in fetched if m["finite"]] or fetched
-    means: dict[str, Any] = {
-        k: np.mean([m[k] for m in applied], axis=0, dtype=np.float64)
-        for k in fetched[0]
-        if k != "finite"
-    }
-    if count_skipped:
-        means["skipped_steps"] = len(fetched) - sum(bool(m["finite"]) for m in fetched)
-    return means
-
-
-def _check_progress(
-    config: Any,
-    ckpt: checkpoint.Checkpointer,
-    total: int,
-    spe: int,
-    init: Callable[[], TrainState],
-    spec: ModelSpec,
-    mesh: jax.sharding.Mesh,
-) -> bool:
-    """Whether steps are left to train: False (after printing so) when the workdir's newest
-    checkpoint is at step ``total`` and verifies (restored into the abstract state of ``init``
-    on ``mesh``: nothing compiles); a :class:`WorkdirError` when it is past it. A corrupt
-    final checkpoint leaves steps to train: the resume falls back past it."""
-    latest = ckpt.latest_step()
-    if latest is None or latest < total:
-        return True
-    workdir = os.path.dirname(ckpt.directory)
-    if latest > total:
-        length = (
-            f"num_train_steps {total}"
-            if config.num_train_steps > 0
-            else f"num_epochs {config.num_epochs:g} × {spe} steps = {total}"
-        )
-        raise WorkdirError(
-            f"{workdir} is already at step {latest} ≥ {length}; train longer or use "
-            "another --workdir"
-        )
-    try:
-        _restore_checked(ckpt, replicated_like(jax.eval_shape(init), mesh), spec, latest)
-    except checkpoint.CorruptCheckpointError as err:
-        logging.warning("the final checkpoint does not verify: %s", err)
-        return True
-    if jax.process_index() == 0:
-        print(f"nothing to do: step {latest} of {total}; eval.py --workdir {workdir} to evaluate")
-    return False
-
-
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Train the model of ``config`` in ``workdir``, resuming if it holds a checkpoint.
 
@@ -336,22 +164,29 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         model, spec, config, mesh, limit=config.eval_limit, seed=config.seed + 7,
         progress=config.progress,
     )  # fmt: skip
+    init = functools.partial(create_train_state, model, tx, (size, size, 3), config.seed)
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as cleanup:
-        stop = cleanup.enter_context(_StopOnSignal())
+        stop = cleanup.enter_context(StopOnSignal())
         cleanup.enter_context(workdir_lock.hold(workdir))
+        like = replicated_like(jax.eval_shape(init), mesh)  # restored arrays take its shardings
+        saved = checkpoint.restore_or_init(
+            os.path.join(workdir, "checkpoints"), like.variables, like.opt_state, spec,
+            init_from=config.init_from, final_step=total, fallback=True,
+        )  # fmt: skip
+        if saved is not None and saved.step == total:
+            if jax.process_index() == 0:
+                print(f"nothing to do: step {total} of {total}; eval.py --workdir {workdir} to "
+                      "evaluate")  # fmt: skip
+            return results
         ckpt = checkpoint.Checkpointer(
             os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
         )
         cleanup.callback(ckpt.close)  # waits for the saves in flight, also after an error
-        init = functools.partial(create_train_state, model, tx, (size, size, 3), config.seed)
-        if not _check_progress(config, ckpt, total, spe, init, spec, mesh):
-            return results
         writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
         cleanup.callback(writer.close)
         cleanup.enter_context(jax.set_mesh(mesh))
-        state = jax.jit(init, out_shardings=replicated(mesh))()
-        state = _restore_or_init(ckpt, state, spec, config)
+        state = _initial_state(init, saved, mesh)
         start = int(state.step)
         writer.drop_after(start)  # the records of steps this run replays
         train_step = compile_together(
@@ -397,7 +232,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 if not skip:  # nothing after a non-finite step is evaluated or saved
                     _check_finite(fetched, step, config, ckpt)
             if log:
-                summary = {**_mean_metrics(fetched, skip), **timer.lap(step, config.batch_size)}
+                summary = {**mean_metrics(fetched, skip), **timer.lap(step, config.batch_size)}
                 pending = []
                 summary["epoch"] = step / spe
                 writer.write(step, "train", summary)
