@@ -48,7 +48,7 @@ SMALL = {
     "batch_size": 16,
     "eval_batch_size": 32,
     "eval_every_epochs": 1000.0,
-    "eval_gate_modes": ("argmax",),
+    "evals": {"argmax": {"type": "classification", "mode": "argmax"}},
     "log_every_steps": 1,
     "num_devices": 1,
     "tensorboard": False,
@@ -279,7 +279,7 @@ def test_resume_gives_the_same_parameters_and_metrics(uninterrupted, tmp_path):
 def test_sigterm_saves_the_current_step_and_rerun_resumes(tmp_path):
     """train.py under SIGTERM: exit 0 with a checkpoint of exactly the steps it ran."""
     workdir = str(tmp_path / "run")
-    overrides = [f"--config.{k}={v}" for k, v in SMALL.items() if k != "eval_gate_modes"]
+    overrides = [f"--config.{k}={v}" for k, v in SMALL.items() if k != "evals"]
     command = [
         sys.executable,
         os.path.join(REPO, "train.py"),
@@ -290,7 +290,6 @@ def test_sigterm_saves_the_current_step_and_rerun_resumes(tmp_path):
         *overrides,
         "--config.num_train_steps=100000",
         "--config.checkpoint_every_steps=100000",
-        "--config.eval_gate_modes=('argmax',)",
         f"--compilation_cache={tmp_path / 'xla'}",
     ]
     env = {**os.environ, "PYTHONPATH": REPO}
@@ -410,7 +409,19 @@ def test_resuming_another_model_is_refused(tmp_path):
         ("dataset__source", "csv", r"config.dataset.source = 'csv'"),
         ("lr_boundaries_epochs", (250, 150), r"config.lr_boundaries_epochs = \(250, 150\)"),
         ("batch_size", 0, r"config.batch_size = 0: expected a positive integer"),
-        ("eval_gate_modes", ("maybe",), r"config.eval_gate_modes = \('maybe',\)"),
+        (
+            "evals",
+            {"a": {"type": "classification", "mode": "maybe"}},
+            r"config.evals.a.mode = 'maybe'",
+        ),
+        ("evals", {"a": {"type": "fgsm"}}, r"config.evals.a.type = 'fgsm': expected one of \["),
+        ("evals", {"a": {"type": "attack", "eps": 2}}, r"config.evals.a.eps is not an option of"),
+        (
+            "evals",
+            {"c": {"type": "classification", "mode": "calibrated"}},
+            r"'calibrated' needs an",
+        ),
+        ("eval_gate_modes", ("argmax",), r"config.eval_gate_modes was removed: .*config.evals"),
         ("scan_blocks", True, r"config.scan_blocks was removed: .*compilation cache"),
         ("on_nonfinite", "ignore", r"config.on_nonfinite = 'ignore': expected one of"),
         ("init", "xavier", r"config.init = 'xavier': expected one of \('reference', 'he_normal'\)"),
@@ -427,6 +438,22 @@ def test_missing_data_directory_is_named(tmp_path):
     config = small_config(dataset__source="npz", dataset__data_dir=missing)
     with pytest.raises(DataError, match=missing):
         train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_the_loop_runs_the_evaluators_listed_for_training(tmp_path):
+    evals = {
+        "argmax": {"type": "classification", "mode": "argmax"},
+        "open": {"type": "classification", "mode": "open", "during_training": False},
+        "gates": {"type": "gate_statistics", "grid_size": 2},
+    }
+    results = train_and_evaluate(small_config(num_train_steps=2, evals=evals), str(tmp_path))
+    assert list(results) == ["argmax", "gates"]
+    assert results["gates"]["gate_mode"] == "argmax"  # the first classification's mode
+    logged = read_metrics(str(tmp_path), "eval")
+    assert [(r["step"], r["evaluator"]) for r in logged] == [(2, "argmax"), (2, "gates")]
+    matrix = np.load(tmp_path / "gates" / "class_layer_argmax_step2.npy")
+    np.testing.assert_allclose(matrix, np.array(results["gates"]["class_layer_rates"], float))
+    assert (tmp_path / "gates" / "step2" / results["gates"]["plots"]["class_layer"]).exists()
 
 
 # ----------------------------------------------------------------------- datasets, end to end
@@ -475,7 +502,7 @@ def test_real_cifar10_subset_learns_and_gates_move_to_the_target(tmp_path):
             "lr_boundaries_epochs": (5,),
             "weight_decay": 5e-4,
             "eval_every_epochs": 1000.0,
-            "eval_gate_modes": ("argmax",),
+            "evals.sample.during_training": False,
             "log_every_steps": 5,
             "num_devices": 1,
             "tensorboard": False,
@@ -519,13 +546,12 @@ def test_loop_timer_leaves_out_pauses_and_measures_input_waits():
 
 def _tiny_command(workdir, *overrides):
     """train.py arguments: the small config in ``workdir``, plus ``--config.…`` overrides."""
-    small = [f"--config.{k}={v}" for k, v in SMALL.items() if k != "eval_gate_modes"]
+    small = [f"--config.{k}={v}" for k, v in SMALL.items() if k != "evals"]
     return [
         os.path.join(REPO, "train.py"),
         f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
         f"--workdir={workdir}",
         *small,
-        "--config.eval_gate_modes=('argmax',)",
         *overrides,
     ]
 
@@ -701,3 +727,7 @@ def test_train_py_names_a_missing_config_file_or_field_and_the_closest_ones(tmp_
     assert user_error_line(proc) == f"error: --config {missing}: no such config file"
     with pytest.raises(ConfigError, match=r"'dataset.sorce'.*--config.dataset.source"):
         check_override_names(small_config(), ["batch_size", "dataset.sorce"])
+    with pytest.raises(
+        ConfigError, match=r"eval_gate_modes\): list the evaluators in config.evals"
+    ):
+        check_override_names(small_config(), ["eval_gate_modes"])

@@ -4,8 +4,9 @@ One jit-compiled step over a ``('data',)`` mesh; one run per workdir (a lock fil
 from the newest checkpoint in the workdir; a checkpoint every ``checkpoint_every_steps``, at the
 end, and on SIGTERM/SIGINT; metrics fetched from the device once per logging interval and before
 each evaluation and save, where the steps' ``finite`` flags are checked (so a diverged state is
-never saved, see ``config.on_nonfinite``); periodic evaluation with per-block and per-class gate
-execution rates.
+never saved, see ``config.on_nonfinite``); every ``eval_every_epochs`` the evaluators that
+``config.evals`` lists for training (:mod:`aig_jax.eval.suite`), with per-block and per-class
+gate execution rates.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,8 +26,8 @@ from tqdm.auto import tqdm
 from aig_jax import checkpoint
 from aig_jax.data import make_source, steps_per_epoch, train_iterator
 from aig_jax.errors import NonFiniteError
-from aig_jax.eval import gate_stats, plots
-from aig_jax.eval.evaluators import Classification, EvalContext
+from aig_jax.eval.evaluators import EvalContext
+from aig_jax.eval.suite import Evaluators
 from aig_jax.model.spec import ModelSpec
 from aig_jax.sharding import (
     check_batch_size,
@@ -45,15 +46,6 @@ from aig_jax.train.state import TrainState, create_train_state
 from aig_jax.train.step import make_train_step
 
 
-def _meta(spec: ModelSpec, config: Any, step: int, steps_per_epoch_: int) -> dict[str, Any]:
-    return {
-        "model": spec.to_json(),
-        "config": config.to_dict(),
-        "step": step,
-        "epoch": step / steps_per_epoch_,
-    }
-
-
 def _initial_state(
     init: Callable[[], TrainState], saved: checkpoint.Saved | None, mesh: jax.sharding.Mesh
 ) -> TrainState:
@@ -66,49 +58,6 @@ def _initial_state(
     if saved is None:
         return state
     return state.replace(**saved.variables)
-
-
-def _evaluate(
-    ctx: EvalContext, state: TrainState, step: int, writer: MetricsWriter, workdir: str
-) -> dict[str, Any]:
-    """Evaluate the current state in every ``config.eval_gate_modes``; log, and save each
-    mode's class × block execution-rate matrix (``.npy`` and a heatmap)."""
-    results = {}
-    modes = ctx.config.eval_gate_modes if any(ctx.spec.gated) else ("argmax",)
-    for mode in modes:
-        evaluator = Classification(ctx, mode)
-        summary = evaluator.run(state.variables)
-        preds = evaluator.predictions
-        assert preds is not None  # set by run
-        matrix = gate_stats.class_layer_rates(preds.gates, preds.labels, ctx.spec.num_classes)
-        if writer.enabled:
-            out = os.path.join(workdir, "gates")
-            os.makedirs(out, exist_ok=True)
-            base = os.path.join(out, f"class_layer_{mode}_step{step}")
-            np.save(base + ".npy", matrix)
-            plots.class_layer_heatmap(
-                matrix,
-                base + ".png",
-                block_names=[b.name for b in ctx.cost.blocks],
-                ungated=[not g for g in ctx.spec.gated],
-                title=f"execution rate per class and block ({mode} gates, step {step})",
-            )
-        writer.write(step, "eval", {"gate_mode": mode, **summary})
-        results[mode] = summary
-    return results
-
-
-def _batches(config: Any, source: Any, start: int, total: int) -> Iterator[dict[str, Any]]:
-    return train_iterator(
-        source,
-        config.dataset,
-        global_batch=config.batch_size,
-        seed=config.seed,
-        start_step=start,
-        num_steps=total - start,
-        num_threads=config.data_threads,
-        normalised=False,  # uint8 to the device, normalised there by the train step
-    )
 
 
 def _check_finite(
@@ -141,30 +90,45 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Train the model of ``config`` in ``workdir``, resuming if it holds a checkpoint.
 
     Everything that can be checked without compiling (the config, the data, the workdir and
-    its lock, the step to resume from) is checked first. Returns the last evaluation's summary
-    per gate mode (``{mode: {...}}``), empty when the workdir had finished already. Raises
-    :class:`NonFiniteError` at the first non-finite step under ``config.on_nonfinite="stop"``,
-    having saved nothing after it.
+    its lock, the checkpoint to resume from) is checked first. Returns the last evaluation's
+    result per evaluator run during training (``{name: {...}}``), empty when the workdir had
+    finished already. Raises :class:`NonFiniteError` at the first non-finite step under
+    ``config.on_nonfinite="stop"``, having saved nothing after it.
     """
     validate_config(config)
     workdir = os.path.abspath(workdir)
-    mesh = make_mesh(config.num_devices or None)
-    check_batch_size(config.batch_size, mesh)
-    spec = ModelSpec.from_config(config)
-    model = spec.build()
     train_source = make_source(config.dataset, config.dataset.train_split)
     spe = steps_per_epoch(len(train_source), config.batch_size)
     total = config.num_train_steps if config.num_train_steps > 0 else round(config.num_epochs * spe)
     eval_every = max(1, round(config.eval_every_epochs * spe))
     size = config.dataset.image_size
+    skip = config.on_nonfinite == "skip_step"
+    spec = ModelSpec.from_config(config)
+    model = spec.build()
+    meta = {"model": spec.to_json(), "config": config.to_dict()}  # of every checkpoint
     schedule = learning_rate_schedule(config, spe)
     tx = make_optimizer(config, schedule)
-    skip = config.on_nonfinite == "skip_step"
-    ctx = EvalContext.create(
-        model, spec, config, mesh, limit=config.eval_limit, seed=config.seed + 7,
-        progress=config.progress,
-    )  # fmt: skip
+    step_fn = make_train_step(
+        model,
+        tx,
+        spec.targets,
+        target_weight=config.target_weight,
+        normalize=config.target_loss_normalize,
+        learning_rate=schedule,
+        pixel_stats=(config.dataset.mean, config.dataset.std),
+        on_nonfinite=config.on_nonfinite,
+    )
     init = functools.partial(create_train_state, model, tx, (size, size, 3), config.seed)
+    mesh = make_mesh(config.num_devices or None)
+    check_batch_size(config.batch_size, mesh)
+    evaluators = Evaluators(
+        EvalContext.create(
+            model, spec, config.dataset, mesh, batch_size=config.eval_batch_size,
+            limit=config.eval_limit, seed=config.seed + 7, progress=config.progress,
+        ),
+        config.evals,
+        during_training=True,
+    )  # fmt: skip
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as cleanup:
         stop = cleanup.enter_context(StopOnSignal())
@@ -189,19 +153,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         state = _initial_state(init, saved, mesh)
         start = int(state.step)
         writer.drop_after(start)  # the records of steps this run replays
-        train_step = compile_together(
-            make_train_step(
-                model,
-                tx,
-                spec.targets,
-                target_weight=config.target_weight,
-                normalize=config.target_loss_normalize,
-                learning_rate=schedule,
-                pixel_stats=(config.dataset.mean, config.dataset.std),
-                on_nonfinite=config.on_nonfinite,
-            ),
-            "train_step",
-        )
+        timer = LoopTimer(start)
+        train_step = compile_together(step_fn, "train_step")
         key = jax.device_put(jax.random.key(config.seed), replicated(mesh))
         logging.info(
             "%s: %d blocks (%d gated), %d steps (%d per epoch), batch %d on %d devices",
@@ -210,12 +163,18 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         )  # fmt: skip
         pending: list[dict[str, jax.Array]] = []
         step = start
-        timer = LoopTimer(start)
         show = jax.process_index() == 0 and config.progress
         bar = cleanup.enter_context(
             tqdm(total=total, initial=start, desc="train", unit="step", disable=not show)
         )
-        batches = prefetch_to_mesh(_batches(config, train_source, start, total), mesh)
+        batches = prefetch_to_mesh(
+            train_iterator(
+                train_source, config.dataset, global_batch=config.batch_size, seed=config.seed,
+                start_step=start, num_steps=total - start, num_threads=config.data_threads,
+                normalised=False,  # uint8 to the device, normalised there by the train step
+            ),
+            mesh,
+        )  # fmt: skip
         cleanup.callback(batches.close)  # stops the prefetching thread when the loop ends early
         while (batch := timer.wait_for(batches)) is not None:
             state, metrics = train_step(state, batch, key)
@@ -244,11 +203,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 )
             with timer.paused():
                 if evaluate:
-                    results = _evaluate(ctx, state, step, writer, workdir)
+                    gates = os.path.join(workdir, "gates")
+                    results = evaluators.run(state.variables, os.path.join(gates, f"step{step}"))
+                    for name, result in results.items():
+                        writer.write(step, "eval", {"evaluator": name, **result})
+                    if writer.enabled:
+                        evaluators.save_class_layer_rates(gates, step)
                 if save:
-                    ckpt.save(
-                        step, state.variables, state.opt_state, _meta(spec, config, step, spe)
-                    )
+                    ckpt.save(step, state.variables, state.opt_state, {**meta, "epoch": step / spe})
             if stopping:
                 break
     if stop.requested:

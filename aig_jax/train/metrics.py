@@ -160,7 +160,7 @@ def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of ``<workdir>/metrics.jsonl`` (optionally only one ``kind``), in order.
 
     A step logged again by a resumed run counts once: the last record of each (step, kind,
-    gate mode) wins. A last line cut short by a kill is left out; any other line that is not
+    evaluator) wins. A last line cut short by a kill is left out; any other line that is not
     JSON is a ``ValueError`` naming it.
     """
     path = os.path.join(workdir, "metrics.jsonl")
@@ -174,7 +174,7 @@ def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
                 if line.strip() and line.endswith("\n"):
                     raise ValueError(f"{path} line {number} is not a JSON record: {line[:80]!r}")
                 continue
-            key = (record["step"], record["kind"], record.get("gate_mode"))
+            key = (record["step"], record["kind"], record.get("evaluator", record.get("gate_mode")))
             latest.pop(key, None)  # re-inserted: ordered by the last record
             latest[key] = record
     return [r for r in latest.values() if kind is None or r["kind"] == kind]
