@@ -25,7 +25,7 @@ from aig_jax.eval.suite import EVALUATORS
 from aig_jax.model.blocks import ConvSpec, ModuleDef, ResidualBlock
 from aig_jax.model.flops import model_cost
 from aig_jax.model.gates import GATES, GateOutput, check_gate_mode, straight_through_threshold
-from aig_jax.model.resnet import MODELS, ResNet, build_model
+from aig_jax.model.resnet import MODELS, build_model, resnet
 from aig_jax.model.schedules import SCHEDULES
 from aig_jax.model.spec import ModelSpec
 from aig_jax.model.variables import init_variables
@@ -173,7 +173,7 @@ GATES.register("sigmoid_test", SigmoidGate, overwrite=True)
 MODELS.register(
     "resnext8_test",
     functools.partial(
-        ResNet, stage_sizes=(1, 1, 1), block_cls=GroupedBottleneck, widths=(8, 16, 32), stem="cifar"
+        resnet, stage_sizes=(1, 1, 1), block_cls=GroupedBottleneck, widths=(8, 16, 32), stem="cifar"
     ),
     overwrite=True,
 )
