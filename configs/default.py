@@ -1,7 +1,8 @@
 """Defaults shared by every config: the reference CIFAR-10 recipe with ConvNet-AIG 110.
 
 Other configs import ``get_config`` from here and override a few fields; any field can also be
-overridden on the command line, e.g. ``--config.target_rate=0.5``.
+overridden on the command line, e.g. ``--config.target_rate=0.5`` or
+``--config.evals.open.during_training=True``.
 """
 
 import ml_collections
