@@ -225,6 +225,26 @@ def test_eval_py_refuses_a_checkpoint_with_nan_weights_naming_the_variable(tmp_p
     assert not os.path.exists(tmp_path / "report")
 
 
+def test_eval_py_refuses_outputs_that_are_not_finite_in_one_line(tmp_path):
+    """Finite weights whose logits and gate probabilities overflow: one error line (exit 2)
+    instead of "nan GMACs/image", and no report."""
+    config = tiny.get_config()
+    spec = ModelSpec.from_config(config)
+    shapes = abstract_variables(spec.build(), (16, 16, 3))
+    variables = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
+    variables["params"]["linear"]["kernel"][:] = 1e38  # the logits overflow to infinity
+    variables["params"]["stage1_block0"]["gate"]["fc2"]["kernel"][:] = 1e38  # p(execute) NaN
+    meta = {"model": spec.to_json(), "config": config.to_dict()}
+    save_variables(str(tmp_path), 3, variables, meta)
+    proc = run_cli("eval.py", f"--checkpoint={tmp_path}", "--modes=argmax", "--limit=64")
+    line = user_error_line(proc)
+    assert line == (
+        "error: the model's outputs are not finite (NaN or infinite logits or gate "
+        "probabilities) for 64 of 64 images in gate mode 'argmax'; nothing is reported"
+    )
+    assert "GMACs" not in proc.stdout and not os.path.exists(tmp_path / "report")
+
+
 def test_calibrated_classification_needs_thresholds(trained):
     workdir, _ = trained
     mesh = make_mesh()

@@ -86,6 +86,32 @@ def _check_finite(
         )
 
 
+def _evaluate(
+    evaluators: Evaluators,
+    variables: Any,
+    step: int,
+    workdir: str,
+    writer: MetricsWriter,
+    skip: bool,
+) -> dict[str, Any]:
+    """Run the training evaluators on ``variables``; log each result, and each classification's
+    class × block execution rates in ``<workdir>/gates``. Outputs that are not finite stop the
+    run, or with ``skip`` (``on_nonfinite="skip_step"``) leave this evaluation out."""
+    gates = os.path.join(workdir, "gates")
+    try:
+        results = evaluators.run(variables, os.path.join(gates, f"step{step}"))
+    except NonFiniteError as err:  # a finite state whose outputs are not
+        if not skip:
+            raise NonFiniteError(f"evaluation at step {step}: {err}") from None
+        logging.warning("evaluation at step %d left out: %s", step, err)
+        return {}
+    for name, result in results.items():
+        writer.write(step, "eval", {"evaluator": name, **result})
+    if writer.enabled:
+        evaluators.save_class_layer_rates(gates, step)
+    return results
+
+
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Train the model of ``config`` in ``workdir``, resuming if it holds a checkpoint.
 
@@ -203,12 +229,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 )
             with timer.paused():
                 if evaluate:
-                    gates = os.path.join(workdir, "gates")
-                    results = evaluators.run(state.variables, os.path.join(gates, f"step{step}"))
-                    for name, result in results.items():
-                        writer.write(step, "eval", {"evaluator": name, **result})
-                    if writer.enabled:
-                        evaluators.save_class_layer_rates(gates, step)
+                    results = _evaluate(evaluators, state.variables, step, workdir, writer, skip)
                 if save:
                     ckpt.save(step, state.variables, state.opt_state, {**meta, "epoch": step / spe})
             if stopping:
