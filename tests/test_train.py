@@ -69,8 +69,8 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def restore_state(workdir, config, step=None):
-    """The TrainState saved in ``workdir`` (latest step by default), on one device."""
+def abstract_state(config):
+    """(spec, ShapeDtypeStructs of the TrainState) of ``config``, on one device."""
     spec = ModelSpec.from_config(config)
     size = config.dataset.image_size
     tx = make_optimizer(config, learning_rate_schedule(config, 4))
@@ -81,6 +81,13 @@ def restore_state(workdir, config, step=None):
     like = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one_device), shapes
     )
+    return spec, like
+
+
+def restore_state(workdir, config, step=None):
+    """(variables, opt_state, meta) saved in ``workdir`` (latest step by default), on one
+    device."""
+    spec, like = abstract_state(config)
     path = workdir if step is None else os.path.join(workdir, "checkpoints", str(step))
     saved = checkpoint.restore_or_init(path, like.variables, like.opt_state, spec)
     return saved.variables, saved.opt_state, saved.meta

@@ -52,14 +52,6 @@ def stored_spec(meta: Mapping[str, Any], where: str) -> ModelSpec:
     return ModelSpec.from_json(meta["model"])
 
 
-def _newest(directory: str) -> int:
-    """The newest step in ``directory``; :class:`CheckpointError` when there is none."""
-    steps = steps_in(directory)
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {directory}")
-    return steps[-1]
-
-
 def _restore(
     directory: str,
     step: int,
@@ -116,11 +108,10 @@ def restore_or_init(
     if not steps:
         if init_from is None:
             return None
-        source, step = resolve(init_from)
-        saved = _restore(
-            source, _newest(source) if step is None else step, variables_like, None, spec
-        )
-        logging.info("initialised from %s (step %d)", source, saved.step)
+        saved = restore_or_init(init_from, variables_like, None, spec)
+        if saved is None:
+            raise CheckpointError(f"init_from {init_from}: no checkpoint there")
+        logging.info("initialised from %s (step %d)", saved.directory, saved.step)
         return dataclasses.replace(saved, step=0)
     if final_step is not None and steps[-1] > final_step:
         raise WorkdirError(
