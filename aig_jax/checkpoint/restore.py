@@ -94,11 +94,10 @@ def restore_or_init(
     With ``fallback`` the caller owns ``path``, a checkpoints directory (created when missing),
     as training does: a corrupt checkpoint is passed over for the newest one that verifies, and
     the corrupt ones newer than it move to ``<path>_corrupt/``; without it the first corrupt
-    one raises. When the directory
-    holds no checkpoint, the variables of ``init_from`` (any path :func:`resolve` takes) come
-    back at step 0 without an optimiser state. A checkpoint past ``final_step`` is a
-    :class:`~aig_jax.errors.WorkdirError`; one at ``final_step`` comes back like any other, for
-    the caller to see that the run has finished.
+    one raises. When the directory holds no checkpoint, the variables of ``init_from`` (any
+    path :func:`resolve` takes) come back at step 0 without an optimiser state. A checkpoint
+    past ``final_step`` is a :class:`~aig_jax.errors.WorkdirError`; one at ``final_step`` comes
+    back like any other, for the caller to see that the run has finished.
 
     Raises :class:`CheckpointError` for another model or when no checkpoint can be restored
     (naming the newest one's problem), :class:`CorruptCheckpointError` without ``fallback``.
