@@ -115,7 +115,7 @@ def evaluate() -> dict[str, Any]:
     results = evaluators.run(restored.variables, output_dir)
     report = header(ctx, restored.directory, restored.step, ctx.num_examples)
     report["modes"] = {n: results[n] for n in evaluators.names("classification")}
-    report["calibration"] = results.get(evaluators.calibration or "")
+    report["calibration"] = results[evaluators.calibration] if evaluators.calibration else None
     base = base_ctx = None
     if _BASELINE.value:
         base = restore(_BASELINE.value, mesh)
