@@ -100,7 +100,8 @@ def bench_loop(name: str, size: int, batch: int, dtype: str, steps: int) -> dict
     config = default.get_config()
     config.model, config.dtype, config.batch_size = name, dtype, batch
     config.num_train_steps, config.log_every_steps = 2 * steps, steps
-    config.eval_gate_modes, config.eval_limit, config.eval_batch_size = ("argmax",), batch, batch
+    config.evals = {"argmax": {"type": "classification", "mode": "argmax"}}
+    config.eval_limit, config.eval_batch_size = batch, batch
     config.checkpoint_every_steps = 2 * steps
     config.data_threads = os.cpu_count() or 1
     config.progress, config.tensorboard = False, False

@@ -62,7 +62,7 @@ def make_config(depth: int, seed: int, epochs: int, args: argparse.Namespace) ->
     c.eval_batch_size = 500
     c.num_epochs = float(epochs)
     c.eval_every_epochs = 1.0
-    c.eval_gate_modes = ("sample",)
+    c.evals = {"sample": {"type": "classification", "mode": "sample"}}
     c.seed = seed
     c.data_threads = 2
     c.log_every_steps = 1  # per-step records, grouped into epochs here
