@@ -129,7 +129,11 @@ def _weights(manifest: dict[str, Any], blob: bytes) -> list[np.ndarray]:
 
 
 class Exported:
-    """An exported ConvNet-AIG ready to run: build it with :meth:`load`, call it on images."""
+    """An exported ConvNet-AIG ready to run: build it with :meth:`load`, call it on images.
+
+    Each compiled program holds the weights as constants; the batched program compiles once
+    per batch size it meets, each with its copy, so a server should use a few fixed sizes.
+    """
 
     def __init__(
         self,
