@@ -23,8 +23,12 @@ lint: install
 test: lint
 	$(PY) -m pytest -q -n 2
 
+# Train the demo model, export it to one file, and classify a few test digits with that file.
 demo: install
 	$(PY) train.py --config configs/tiny.py --workdir workdirs/tiny
+	$(PY) -m aig_jax.export --workdir workdirs/tiny --out workdirs/tiny/model.aig \
+		--samples_dir workdirs/tiny/samples
+	$(PY) -m aig_jax.export.predict workdirs/tiny/model.aig workdirs/tiny/samples/*.png
 
 bench: install
 	$(PY) -m bench.speed --small

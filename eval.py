@@ -1,4 +1,4 @@
-"""Evaluate a ConvNet-AIG checkpoint: every gate mode, the report, optional attacks.
+"""Evaluate a ConvNet-AIG checkpoint: the evaluators of its config, the report, optional attacks.
 
     python eval.py --workdir workdirs/aig110 [--modes argmax,sample,open,calibrated] \
         [--baseline workdirs/resnet110] [--attack --epsilons 1,2,4,8] [--limit 1000] [--fast]
@@ -6,35 +6,33 @@
         --config.dataset.data_dir /data/tfds
 
 The model and the training config come from the checkpoint; ``--config`` replaces the config
-(e.g. to point at the data), and must describe the same model. The report (``report.json``,
-``report.md``, PNG plots) goes to ``--output`` (default ``report/`` beside ``checkpoints/``).
-Each part of the report is an evaluator of :mod:`aig_jax.eval.evaluators`, composed here.
+(e.g. to point at the data), and must describe the same model. The evaluators are the config's
+``config.evals``, all of them (``configs/default.py``'s when the config lists none), and the
+flags override them: ``--modes`` replaces the classification evaluators, ``--samples`` sets the
+seeds of sampled ones, ``--calibration_limit`` the calibration's images, ``--attack`` adds the
+attack. The report (``report.json``, ``report.md``, PNG plots) goes to ``--output`` (default
+``report/`` beside ``checkpoints/``).
 """
 
 import os
 from typing import Any
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from aig_jax import cli
 from aig_jax.compilation_cache import DEFAULT_DIR, use_compilation_cache
 from aig_jax.errors import ConfigError
-from aig_jax.eval.evaluators import (
-    Attack,
-    Calibration,
-    Classification,
-    EvalContext,
-    GateStatistics,
-)
+from aig_jax.eval.evaluators import Attack, Classification, EvalContext
 from aig_jax.eval.report import header, write_report
 from aig_jax.eval.restore import restore
 from aig_jax.eval.step import make_eval_step
+from aig_jax.eval.suite import Evaluators, ordered
 from aig_jax.inference.skipping import make_fast_eval_step
 from aig_jax.model.gates import GATE_MODES, check_gate_mode
 from aig_jax.sharding import make_mesh
+from configs import default
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config (default: the checkpoint's).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
@@ -42,9 +40,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoints dir or one 
 _OUTPUT = flags.DEFINE_string("output", None, "Report directory (default: <workdir>/report).")
 _BASELINE = flags.DEFINE_string("baseline", None, "Ungated baseline checkpoint to compare.")
 _MODES = flags.DEFINE_list(
-    "modes", ["argmax", "sample", "open", "calibrated"], f"Gate modes, of {GATE_MODES}."
+    "modes", None, f"Gate modes to classify in, of {GATE_MODES} (default: the config's)."
 )
-_SAMPLES = flags.DEFINE_integer("samples", 5, "Seeds of 'sample' mode.")
+_SAMPLES = flags.DEFINE_integer("samples", 5, "Seeds of 'sample' mode (replaces the config's).")
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N examples.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global eval batch (default: the config's).")
 _CALIB = flags.DEFINE_integer("calibration_limit", 10_000, "Training images to calibrate on.")
@@ -66,59 +64,81 @@ _FAST = flags.DEFINE_bool(
 )
 
 
+def _evals(config: Any) -> dict[str, dict[str, Any]]:
+    """The evaluators to run: the config's (``configs/default.py``'s when it lists none), with
+    the flags' overrides."""
+    listed = config.get("evals")
+    evals = ordered(default.get_config().evals if listed is None else listed)
+    if _MODES.value is not None:
+        others = {n: e for n, e in evals.items() if e["type"] != "classification"}
+        evals = {m: {"type": "classification", "mode": m} for m in _MODES.value} | others
+    if _ATTACK.value:
+        evals = {n: e for n, e in evals.items() if e["type"] != "attack"}
+        evals["attack"] = {
+            "type": "attack",
+            "mode": _ATTACK_MODE.value,
+            "epsilons": tuple(float(e) for e in _EPSILONS.value),
+            "steps": _STEPS.value,
+            "jpeg_quality": _JPEG.value,
+        }
+    if not any(e["type"] == "calibration" for e in evals.values()):
+        evals["calibration"] = {"type": "calibration"}
+    for entry in evals.values():
+        if entry["type"] == "classification" and entry["mode"] == "sample":
+            entry["seeds"] = _SAMPLES.value
+        if entry["type"] == "calibration":
+            entry["limit"] = _CALIB.value
+    return evals
+
+
 def evaluate() -> dict[str, Any]:
-    """Run the evaluators the flags ask for and write the report; returns it."""
-    for mode in (*_MODES.value, _ATTACK_MODE.value):
+    """Run the evaluators and write the report; returns it."""
+    for mode in (*(_MODES.value or ()), _ATTACK_MODE.value):
         check_gate_mode(mode)
     if _SAMPLES.value < 1:
         raise ConfigError(f"--samples must be >= 1, got {_SAMPLES.value}")
     config = _CONFIG.value
     mesh = make_mesh((config.num_devices or None) if config is not None else None)
     restored = restore(_WORKDIR.value or _CHECKPOINT.value, mesh, config)
-    variables = restored.variables
+    config = restored.config
     context = {
-        "batch_size": _BATCH.value,
+        "batch_size": _BATCH.value or config.eval_batch_size,
         "limit": _LIMIT.value,
         "seed": _SEED.value,
         "eval_step_factory": make_fast_eval_step if _FAST.value else make_eval_step,
     }
-    ctx = EvalContext.create(restored.model, restored.spec, restored.config, mesh, **context)
-    gated = any(restored.spec.gated)
-    modes = tuple(_MODES.value) if gated else ("argmax",)  # without gates all modes agree
-    attack_mode = _ATTACK_MODE.value if gated else "argmax"
-    thresholds, calibration = None, None
-    if "calibrated" in modes or (_ATTACK.value and attack_mode == "calibrated"):
-        calibration = Calibration(ctx, limit=_CALIB.value).run(variables)
-        thresholds = np.asarray(calibration["thresholds"], np.float32)
-    summaries = {
-        mode: Classification(ctx, mode, seeds=_SAMPLES.value, thresholds=thresholds).run(variables)
-        for mode in modes
-    }
-    report = header(ctx, restored.directory, restored.step, summaries[modes[0]]["num_examples"])
-    report.update(modes=summaries, calibration=calibration)
+    ctx = EvalContext.create(restored.model, restored.spec, config.dataset, mesh, **context)
+    evaluators = Evaluators(ctx, _evals(config))
+    if not evaluators.names("classification"):
+        raise ConfigError("config.evals has no classification evaluator to report: use --modes")
+    output_dir = _OUTPUT.value or os.path.join(os.path.dirname(restored.directory), "report")
+    results = evaluators.run(restored.variables, output_dir)
+    report = header(ctx, restored.directory, restored.step, ctx.num_examples)
+    report["modes"] = {n: results[n] for n in evaluators.names("classification")}
+    report["calibration"] = results[evaluators.calibration] if evaluators.calibration else None
     base = base_ctx = None
     if _BASELINE.value:
         base = restore(_BASELINE.value, mesh)
-        base_ctx = EvalContext.create(base.model, base.spec, restored.config, mesh, **context)
+        base_ctx = EvalContext.create(base.model, base.spec, config.dataset, mesh, **context)
         report["baseline"] = {
             "checkpoint": {"directory": base.directory, "step": base.step},
             "model": base.spec.to_json(),
             **Classification(base_ctx, "open").run(base.variables),
         }
-    if _ATTACK.value:
-        attack = {
-            "epsilons": tuple(float(e) for e in _EPSILONS.value),
-            "steps": _STEPS.value,
-            "jpeg_quality": _JPEG.value,
-        }
-        gated_attack = Attack(ctx, attack_mode, thresholds=thresholds, **attack)
-        report["attack"] = {"gated": gated_attack.run(variables)}
+    for name in evaluators.names("attack"):
+        report["attack"] = {"gated": results[name]}
         if base is not None and base_ctx is not None:
-            report["attack"]["baseline"] = Attack(base_ctx, "open", **attack).run(base.variables)
-    output_dir = _OUTPUT.value or os.path.join(os.path.dirname(restored.directory), "report")
+            options = {
+                k: v for k, v in evaluators.entries[name].items() if k not in ("type", "mode")
+            }
+            report["attack"]["baseline"] = Attack(base_ctx, "open", **options).run(base.variables)
     report["output_dir"] = os.path.abspath(output_dir)
-    analysis = GateStatistics(ctx, modes[0], output_dir, thresholds=thresholds)
-    report["analysis"] = analysis.run(variables)
+    for name in evaluators.names("gate_statistics"):
+        report["analysis"] = results[name]
+    known = ("classification", "calibration", "attack", "gate_statistics")
+    others = {n: r for n, r in results.items() if evaluators.entries[n]["type"] not in known}
+    if others:  # a fork's evaluator types
+        report["other_evaluators"] = others
     if jax.process_index() == 0:
         write_report(report, output_dir)
     return report

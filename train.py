@@ -47,10 +47,12 @@ def main(argv: list[str]) -> None:
         "JAX %s on %d %s devices", jax.__version__, jax.device_count(), jax.default_backend()
     )
     results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    for mode, summary in results.items():
+    for name, summary in results.items():
+        if "top1_error" not in summary:  # not a classification
+            continue
         rates = " ".join(f"{r:.2f}" for r in summary["layer_rates"])
         print(
-            f"[{mode} gates] top-1 error {summary['top1_error']:.2f}%  "
+            f"[{name} gates] top-1 error {summary['top1_error']:.2f}%  "
             f"top-5 error {summary['top5_error']:.2f}%  "
             f"{summary['realised_gmacs']:.4f} GMACs/image "
             f"({100 * summary['macs_saving']:.1f}% saved)\n  execution rate per block: {rates}"

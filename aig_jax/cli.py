@@ -16,6 +16,7 @@ from typing import Any
 from absl import app, flags
 
 from aig_jax.errors import ConfigError, exit_on_user_error
+from aig_jax.train.config_checks import REMOVED
 
 _PREFIX = "--config."
 
@@ -29,9 +30,12 @@ def _field_names(node: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
 
 def check_override_names(config: Any, names: list[str]) -> None:
     """Raise :class:`ConfigError` for the first of ``names`` (dotted paths such as
-    ``dataset.source``) that is not a field of ``config``, naming the closest fields."""
+    ``dataset.source``) that is not a field of ``config``, naming the closest fields (or the
+    replacement of a removed one)."""
     fields = set(_field_names(config.to_dict()))
     for name in names:
+        if name in REMOVED and name not in fields:
+            raise ConfigError(f"config.{name} was removed (--config.{name}): {REMOVED[name]}")
         if name not in fields:
             close = difflib.get_close_matches(name, sorted(fields), n=3, cutoff=0.6)
             hint = (

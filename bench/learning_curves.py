@@ -35,17 +35,15 @@ from typing import Any
 import jax
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from aig_jax.data import make_source
+from aig_jax.data.loader import eval_iterator, steps_per_epoch, train_iterator
+from aig_jax.model.spec import ModelSpec
+from aig_jax.model.variables import init_variables
+from aig_jax.train.loop import train_and_evaluate
+from aig_jax.train.metrics import read_metrics
+from configs import default
 
-from aig_jax.data import make_source  # noqa: E402
-from aig_jax.data.loader import eval_iterator, steps_per_epoch, train_iterator  # noqa: E402
-from aig_jax.model.resnet import ResNet  # noqa: E402
-from aig_jax.model.spec import ModelSpec  # noqa: E402
-from aig_jax.model.variables import init_variables  # noqa: E402
-from aig_jax.train.loop import train_and_evaluate  # noqa: E402
-from aig_jax.train.metrics import read_metrics  # noqa: E402
-from configs import default  # noqa: E402
-
+MINI = Path(__file__).resolve().parents[2] / "shared/data/cifar10/mini"
 SIDES = ("aig-jax", "reference")
 
 
@@ -62,7 +60,7 @@ def make_config(depth: int, seed: int, epochs: int, args: argparse.Namespace) ->
     c.eval_batch_size = 500
     c.num_epochs = float(epochs)
     c.eval_every_epochs = 1.0
-    c.eval_gate_modes = ("sample",)
+    c.evals = {"sample": {"type": "classification", "mode": "sample"}}
     c.seed = seed
     c.data_threads = 2
     c.log_every_steps = 1  # per-step records, grouped into epochs here
@@ -130,7 +128,6 @@ def run_reference(config: Any, noise_seed: int | None = None) -> list[dict[str, 
     gen = torch.Generator().manual_seed(config.seed if noise_seed is None else noise_seed)
     spec = ModelSpec.from_config(config)
     model = spec.build()
-    assert isinstance(model, ResNet)
     targets = [float(t) for t in spec.targets]
     net = ref.TorchResNet(False, model.stage_sizes, model.widths, "cifar", spec.num_classes)
     ref.load_variables(net, init_variables(model, (32, 32, 3), config.seed), model)
@@ -235,32 +232,6 @@ def _earlier_runs(path: str) -> dict[tuple[int, int, str, int], dict[str, Any]]:
     return {(r["depth"], r["seed"], r["side"], len(r["epochs"])): r for r in runs}
 
 
-def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
-    """The recipe's flags (``make_config`` reads them): batch size, target rate, data."""
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--target", type=float, default=0.7)
-    p.add_argument("--data_dir", default=str(ROOT.parent / "shared/data/cifar10/mini"))
-
-
-def header(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> dict:
-    """The JSON header of a run of ``p``'s script (``p.prog``: its path; command, date, device,
-    versions, flags),
-    after checking ``--data_dir``; lets PyTorch use every core."""
-    if not os.path.isdir(args.data_dir):
-        p.error(f"--data_dir {args.data_dir} does not exist (CIFAR-10 as *_train/test.npz)")
-    import torch
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    return {
-        "command": " ".join(["python", p.prog, *(argv or sys.argv[1:])]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": f"{platform.processor() or platform.machine()} CPU ×{os.cpu_count()}",
-        "jax": jax.__version__,
-        "torch": torch.__version__,
-        "args": vars(args),
-    }
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(
         "python -m bench.learning_curves", description=__doc__.split("\n")[0]
@@ -270,11 +241,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--epochs", type=int, nargs="+", default=[10, 5], help="per depth (the last one repeats)"
     )
-    add_recipe_arguments(p)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--target", type=float, default=0.7)
+    p.add_argument("--data_dir", default=str(MINI))
     p.add_argument("--out", default="bench/results/learning-curves-cpu.json")
     p.add_argument("--plot", default="docs/images/learning_curves.png")
     args = p.parse_args(argv)
-    result: dict[str, Any] = {**header(p, args, argv), "runs": []}
+    if not os.path.isdir(args.data_dir):
+        p.error(f"--data_dir {args.data_dir} does not exist (CIFAR-10 as *_train/test.npz)")
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    result: dict[str, Any] = {
+        "command": " ".join(["python -m bench.learning_curves", *(argv or sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": f"{platform.processor() or platform.machine()} CPU ×{os.cpu_count()}",
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "args": vars(args),
+        "runs": [],
+    }
     done = _earlier_runs(args.out)
     for i, depth in enumerate(args.depths):
         epochs = args.epochs[min(i, len(args.epochs) - 1)]

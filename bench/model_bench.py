@@ -1,14 +1,19 @@
-"""Device measurements of gated and ungated ResNets: train and inference throughput, compile
-time and memory, the skipping inference paths against the masked one, and cold vs warm
-compiles through JAX's persistent compilation cache.
+"""Device measurements of a model: train and inference images/s, compile time and memory of its
+gated and ungated variants, the skipping inference paths against the masked one, compiles
+through JAX's persistent cache, ``train.py``'s loop against its bare step, and the reference's
+PyTorch model.
 
-Gates are untrained here: execution rates come from "calibrated" thresholds (-1 executes a
-block for every image, 2 skips it; per-block medians of p(execute) split a batch in halves).
+Every train step is the one ``train.py`` builds from its config (:func:`train_step_for`):
+uint8 images normalised on the device, SGD with momentum and weight decay. Gates are untrained:
+execution rates come from "calibrated" thresholds (-1 executes a block for every image, 2 skips
+it; per-block medians of p(execute) split a batch in halves).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,28 +21,52 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from aig_jax.eval.step import make_eval_step
-from aig_jax.inference.skipping import choose_path, make_fast_eval_step
-from aig_jax.model.resnet import build_model
+from aig_jax.inference.skipping import make_fast_eval_step
+from aig_jax.model.spec import ModelSpec
+from aig_jax.model.variables import init_variables
 from aig_jax.sharding import batch_sharded, make_mesh, replicated, replicated_like, shard_batch
+from aig_jax.train.loop import train_and_evaluate
+from aig_jax.train.metrics import read_metrics
+from aig_jax.train.optim import learning_rate_schedule, make_optimizer
 from aig_jax.train.state import create_train_state
 from aig_jax.train.step import make_train_step
 from bench.profiling import profile_compile, profile_step
+from configs import default
 
-#: (result key, gated) of each measured variant of a model: the gated model and the ungated
-#: one of the same architecture.
-VARIANTS = (("gated", True), ("ungated", False))
-VARIANT_NAMES = tuple(v[0] for v in VARIANTS)
-
+#: The measured variants of a model: every block gated, or none (a plain ResNet).
+VARIANTS = ("gated", "ungated")
 #: Calibrated thresholds on p(execute) that execute, and skip, a block for every image.
 ALWAYS, NEVER = -1.0, 2.0
 
 
-def _error_text(err: Exception) -> str:
-    """A measurement's failure as a result to report: its type and message, at most 500
-    characters."""
+def model_config(name: str, dtype: str, variant: str = "gated", base: Any = None) -> Any:
+    """``train.py``'s config (``base``, default the CIFAR-10 recipe) for model ``name`` in
+    ``dtype``, every block gated or, for ``"ungated"``, none (``configs/cifar10_resnet110.py``)."""
+    c = (base or default.get_config()).copy_and_resolve_references()
+    c.model, c.dtype = name, dtype
+    if variant == "ungated":
+        c.target_schedule, c.gate_rate_one_blocks = "ungated", "drop"
+    return c
+
+
+def train_step_for(config: Any, steps_per_epoch: int = 1) -> tuple[Any, Any, Any]:
+    """The model, optimizer and jitted train step that ``train.py`` builds from ``config``."""
+    spec = ModelSpec.from_config(config)
+    model = spec.build()
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    tx = make_optimizer(config, schedule)
+    step = make_train_step(
+        model, tx, spec.targets, target_weight=config.target_weight,
+        normalize=config.target_loss_normalize, learning_rate=schedule,
+        pixel_stats=(config.dataset.mean, config.dataset.std), on_nonfinite=config.on_nonfinite,
+    )  # fmt: skip
+    return model, tx, step
+
+
+def error_text(err: BaseException) -> str:
+    """A measurement's failure as a result to report: its type and message, ≤ 500 characters."""
     return f"{type(err).__name__}: {err}"[:500]
 
 
@@ -51,21 +80,12 @@ def _timed(fn: Callable[[], Any], iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def _peak_bytes() -> int | None:
-    stats = jax.local_devices()[0].memory_stats()
-    return None if not stats else int(stats.get("peak_bytes_in_use", 0))
-
-
 def compile_timed(
-    jitted: Any,
-    *args: Any,
-    profile: bool = False,
-    compiler_options: dict[str, Any] | None = None,
+    jitted: Any, *args: Any, profile: bool = False, compiler_options: dict | None = None
 ) -> tuple[Any, dict[str, Any]]:
-    """Lower and compile ``jitted`` for ``args`` (with XLA's ``compiler_options``, if any):
-    the executable, trace/compile seconds and its memory (arguments + outputs + temporaries,
-    in bytes); with ``profile`` also the compiler's costliest phases
-    (:func:`profiling.profile_compile`)."""
+    """Lower and compile ``jitted`` for ``args`` (with XLA's ``compiler_options``): the
+    executable, trace and compile seconds and its memory (arguments + outputs + temporaries,
+    bytes); with ``profile`` the compiler's costliest phases (:func:`profiling.profile_compile`)."""
     start = time.perf_counter()
     lowered = jitted.lower(*args)
     info: dict[str, Any] = {"trace_s": time.perf_counter() - start}
@@ -84,15 +104,42 @@ def compile_timed(
     return compiled, info
 
 
-def _batch(size: int, batch: int, num_classes: int, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+def _batch(size: int, batch: int, mesh: jax.sharding.Mesh, pixels: bool) -> dict[str, Any]:
+    """A random batch on ``mesh``: uint8 ``pixels`` (as the train step reads them) or normalised
+    float32 images (as the eval step does), labels, mask and index."""
     rng = np.random.default_rng(0)
+    shape = (batch, size, size, 3)
+    image = rng.integers(0, 256, shape, np.uint8) if pixels else rng.normal(size=shape)
     host = {
-        "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-        "label": (np.arange(batch) % num_classes).astype(np.int32),
+        "image": image if pixels else image.astype(np.float32),
+        "label": (np.arange(batch) % 10).astype(np.int32),
         "mask": np.ones(batch, bool),
         "index": np.arange(batch, dtype=np.int32),
     }
     return shard_batch(host, mesh)
+
+
+class TrainRunner:
+    """``train.py``'s train step for ``config`` (:func:`train_step_for`), compiled for a random
+    batch of uint8 images on ``mesh``; each call takes one step, carrying the state, and
+    returns its metrics. ``compile_info``: :func:`compile_timed`'s figures."""
+
+    def __init__(
+        self, config: Any, size: int, batch: int, mesh: Any, spe: int = 1, profile: bool = False
+    ) -> None:
+        self.model, tx, step = train_step_for(config, spe)
+        self.state = jax.jit(
+            lambda: create_train_state(self.model, tx, (size, size, 3), 0),
+            out_shardings=replicated(mesh),
+        )()
+        self.data, self.key = _batch(size, batch, mesh, pixels=True), jax.random.key(0)
+        self.compiled, self.compile_info = compile_timed(
+            step, self.state, self.data, self.key, profile=profile
+        )
+
+    def __call__(self) -> Any:
+        self.state, metrics = self.compiled(self.state, self.data, self.key)
+        return metrics
 
 
 def bench_model(
@@ -101,213 +148,242 @@ def bench_model(
     batch: int,
     dtype: str,
     iters: int,
-    variants: tuple[str, ...] = VARIANT_NAMES,
-    skipping: bool = True,
+    variants: tuple[str, ...] = VARIANTS,
     profile: bool = False,
     progress: Callable[[dict[str, Any]], None] = lambda result: None,
 ) -> dict[str, Any]:
-    """Train and inference images/s, compile time and memory of the ``variants`` (see
-    :data:`VARIANTS`); the skipping paths of the gated model if ``skipping``; with ``profile``,
-    where each train step's time and its compile time go (:mod:`profiling`). ``progress`` is
-    called with the result so far after each variant's train and inference figures and once
-    complete, so that a run stopped midway keeps what it measured."""
+    """Train and inference images/s, compile time and memory of the ``variants``; with
+    ``profile`` where each train step's and its compile's time goes (:mod:`profiling`).
+    ``progress`` gets the result so far after each figure, so a stopped run keeps them."""
     mesh = make_mesh()
     result: dict[str, Any] = {"model": name, "image_size": size, "batch": batch, "dtype": dtype}
-    data = _batch(size, batch, 10, mesh)
-    for tag, gated in VARIANTS:
-        if tag not in variants:
-            continue
-        model = build_model(name, num_classes=10, gated=gated, dtype=dtype)
+    for tag in variants:
+        result[tag] = {}
 
-        def say(text: str, tag: str = tag) -> None:
-            print(f"{name} {tag}: {text}", file=sys.stderr, flush=True)
-
-        def measured(figures: dict[str, Any], tag: str = tag) -> None:
-            result[tag] = figures
-            say(_summary(figures))
+        def say(what: str, tag: str = tag) -> None:
+            print(f"{name} {tag}: {what}", file=sys.stderr, flush=True)
             progress(result)
 
-        variables = _bench_variant(model, data, iters, mesh, profile, say, measured)
-        if tag == "gated" and skipping:
-            result["gated"]["skipping"] = bench_skipping(model, variables, data, iters, mesh)
+        config = model_config(name, dtype, tag)
+        _bench_variant(config, size, batch, iters, mesh, profile, result[tag], say)
     result["ratios"] = _ratios(result)
     progress(result)
     return result
 
 
-def bench_train_step(model: Any) -> tuple[optax.GradientTransformation, Any]:
-    """The optimizer and jitted train step every measurement uses: SGD with momentum, and a
-    target rate of 0.5 on the gated blocks (λ = 1; ungated blocks are left out of the loss)."""
-    tx = optax.sgd(0.01, momentum=0.9)
-    targets = np.array([0.5 if info.gated else 1.0 for info in model.block_infos()])
-    return tx, make_train_step(model, tx, targets, target_weight=1.0)
-
-
 def _bench_variant(
-    model: Any,
-    data: dict[str, Any],
+    config: Any,
+    size: int,
+    batch: int,
     iters: int,
-    mesh: jax.sharding.Mesh,
+    mesh: Any,
     profile: bool,
+    figures: dict[str, Any],
     say: Callable[[str], None],
-    measured: Callable[[dict[str, Any]], None],
-) -> Any:
-    """Measure one variant of :func:`bench_model` and return its variables after the timed
-    train steps. ``say`` is told which step starts compiling (a large model's compile is
-    long), and ``measured`` receives the figures after the train step's
-    and again after the inference step's."""
-    batch, size = data["image"].shape[:2]
-    key = jax.random.key(0)
-    n = len(model.block_infos())
-    tx, train = bench_train_step(model)
-    state = jax.jit(
-        lambda: create_train_state(model, tx, (size, size, 3), 0), out_shardings=replicated(mesh)
-    )()
-    say("tracing and compiling the train step")
-    train_c, train_info = compile_timed(train, state, data, key, profile=profile)
-    holder = [state]
-
-    def train_once() -> Any:
-        holder[0], metrics = train_c(holder[0], data, key)
-        return metrics
-
-    train_s = _timed(train_once, iters)
-    out: dict[str, Any] = {"train_images_per_s": batch / train_s, "train_compile": train_info}
+) -> None:
+    """:func:`bench_model`'s figures of one variant, into ``figures``; ``say`` reports
+    progress."""
+    say("compiling the train step")
+    train = TrainRunner(config, size, batch, mesh, profile=profile)
+    figures["train_compile"] = train.compile_info
+    figures["train_images_per_s"] = batch / _timed(train, iters)
     if profile:
-        out["train_kernels"] = profile_step(train_once, train_c.as_text())
-    measured(out)
-    variables = holder[0].variables
-    thresholds = jnp.full((n,), 0.5)
-    evals = make_eval_step(model, mesh)
-    say("tracing and compiling the inference step")
-    eval_c, eval_info = compile_timed(evals, variables, data, key, "argmax", thresholds)
-    eval_s = _timed(lambda: eval_c(variables, data, key, thresholds), iters)
-    out.update(
-        infer_images_per_s=batch / eval_s, infer_compile=eval_info, peak_device_bytes=_peak_bytes()
+        figures["train_kernels"] = profile_step(train, train.compiled.as_text())
+    say(f"train {figures['train_images_per_s']:,.0f} img/s; compiling the inference step")
+    variables, n = train.state.variables, train.model.num_blocks
+    data, key, thresholds = _batch(size, batch, mesh, pixels=False), train.key, jnp.full((n,), 0.5)
+    evals, figures["infer_compile"] = compile_timed(
+        make_eval_step(train.model, mesh), variables, data, key, "argmax", thresholds
     )
-    measured(out)
-    return variables
+    seconds = _timed(lambda: evals(variables, data, key, thresholds), iters)
+    figures.update(infer_images_per_s=batch / seconds, peak_device_bytes=_peak_bytes())
+    say(f"inference {figures['infer_images_per_s']:,.0f} img/s")
 
 
-def _summary(figures: dict[str, Any]) -> str:
-    """One progress line of a variant's figures so far: images/s and compile seconds."""
-    parts = [
-        f"{step} {figures[f'{step}_images_per_s']:,.0f} img/s, compiled in "
-        f"{figures[f'{step}_compile']['compile_s']:.1f} s"
-        for step in ("train", "infer")
-        if f"{step}_images_per_s" in figures
-    ]
-    return "; ".join(parts)
+def _peak_bytes() -> int | None:
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0))
 
 
 def _ratios(result: dict[str, Any]) -> dict[str, float]:
     """Gated over ungated train and inference images/s, when both variants were measured."""
-    g, u = result.get("gated"), result.get("ungated")
-    if not (g and u):
-        return {}
+    g, u = result.get("gated", {}), result.get("ungated", {})
     return {
-        "train_gated_over_ungated": g["train_images_per_s"] / u["train_images_per_s"],
-        "infer_gated_over_ungated": g["infer_images_per_s"] / u["infer_images_per_s"],
+        f"{s}_gated_over_ungated": g[f"{s}_images_per_s"] / u[f"{s}_images_per_s"]
+        for s in ("train", "infer")
+        if f"{s}_images_per_s" in g and f"{s}_images_per_s" in u
     }
 
 
-def bench_skipping(
-    model: Any, variables: Any, data: dict[str, Any], iters: int, mesh: jax.sharding.Mesh
-) -> dict[str, Any]:
-    """Masked vs skipping inference: batch 1 (lax.cond) at execution rates 0.5 and 1, and the
-    whole batch at per-block median thresholds (about half of the images execute each block).
-    Each eval program is compiled once and timed at every threshold setting."""
-    n = len(model.block_infos())
-    out: dict[str, Any] = {}
-    mesh1 = make_mesh(1)
-    one = _batch(data["image"].shape[1], 1, 10, mesh1)
-    masked1 = _calibrated_eval(make_eval_step(model, mesh1), variables, one, n)
-    cond1 = _calibrated_eval(make_fast_eval_step(model, mesh1, path="cond"), variables, one, n)
-    for label, thresholds in (
-        ("rate_0.5", jnp.asarray([ALWAYS, NEVER] * (n // 2) + [ALWAYS] * (n % 2))),
-        ("rate_1.0", jnp.full((n,), ALWAYS)),
-    ):
-        times = {
-            kind: _timed(lambda run=run, t=thresholds: run(t), 20 * iters)
-            for kind, run in (("masked", masked1), ("cond", cond1))
-        }
-        out[f"batch1_{label}"] = {
-            "rate": float(jnp.mean(masked1(thresholds)["gates"])),
-            "masked_ms_per_image": 1e3 * times["masked"],
-            "cond_ms_per_image": 1e3 * times["cond"],
-            "speedup": times["masked"] / times["cond"],
-        }
-    batch = data["image"].shape[0]
-    masked_step = make_eval_step(model, mesh)
-    key = jax.random.key(0)
-    probs = masked_step(variables, data, key, "open", jnp.zeros((n,)))["probs"]
-    thresholds = jnp.median(probs, axis=1)
-    path = choose_path(batch // mesh.devices.size, data["image"].shape[1])
-    masked = _calibrated_eval(masked_step, variables, data, n)
-    masked_s = _timed(lambda: masked(thresholds), iters)
-    rate = float(jnp.mean(masked(thresholds)["gates"]))
-
-    def against_masked(path: str) -> dict[str, Any]:
-        fast = _calibrated_eval(make_fast_eval_step(model, mesh, path=path), variables, data, n)
-        fast_s = _timed(lambda: fast(thresholds), iters)
-        return {
-            "path": path,
-            "rate": rate,
-            "masked_images_per_s": batch / masked_s,
-            "fast_images_per_s": batch / fast_s,
-            "speedup": masked_s / fast_s,
-        }
-
-    out["batch_median"] = against_masked(path)
-    if jax.default_backend() != "cpu" and path != "pallas":
-        # The row/channel-tiled Pallas kernel where "auto" does not use it yet: measured, and
-        # a failure to compile is recorded rather than fatal.
-        try:
-            out["batch_median_pallas"] = against_masked("pallas")
-        except Exception as err:  # any lowering or runtime error is a result to report
-            out["batch_median_pallas"] = {"path": "pallas", "error": _error_text(err)}
-    return out
+def bench_skipping(name: str, size: int, batch: int, dtype: str, iters: int) -> dict[str, Any]:
+    """The skipping paths against the masked model, in images/s, at batch 1 (execution rates
+    0.5 and 1) and at ``batch`` (per-block median thresholds: about half of the images execute
+    each block): ``lax.cond`` everywhere, the Pallas kernel too on accelerators (a failure to
+    compile is a result). Each program compiles once and runs at every threshold setting."""
+    model = ModelSpec.from_config(model_config(name, dtype)).build()
+    n = model.num_blocks
+    paths = ("cond",) if jax.default_backend() == "cpu" else ("cond", "pallas")
+    variables, out = init_variables(model, (size, size, 3), 0), {}
+    for b in (1, batch):
+        mesh = make_mesh(1) if b == 1 else make_mesh()
+        data = _batch(size, b, mesh, pixels=False)
+        masked = _calibrated(make_eval_step(model, mesh), variables, data, mesh, n)
+        if b == 1:
+            alternate = [ALWAYS, NEVER] * (n // 2) + [ALWAYS] * (n % 2)
+            settings = {"rate_0.5": jnp.asarray(alternate), "rate_1.0": jnp.full((n,), ALWAYS)}
+        else:
+            probs = masked(jnp.zeros((n,)))["probs"]  # calibrated at 0: every block executes
+            settings = {"median": jnp.median(probs, axis=1)}
+        fast: dict[str, Any] = {}
+        for path in paths:
+            try:
+                step = make_fast_eval_step(model, mesh, path=path)
+                fast[path] = _calibrated(step, variables, data, mesh, n)
+            except Exception as err:  # any lowering error is a result to report
+                fast[path] = error_text(err)
+        reps = iters * (20 if b == 1 else 1)
+        for label, t in settings.items():
+            masked_s = _timed(lambda t=t, masked=masked: masked(t), reps)
+            row: dict[str, Any] = {
+                "rate": float(jnp.mean(masked(t)["gates"])),
+                "masked_images_per_s": b / masked_s,
+            }
+            for path, run in fast.items():
+                if isinstance(run, str):
+                    row[path] = {"error": run}
+                    continue
+                seconds = _timed(lambda run=run, t=t: run(t), reps)
+                row[path] = {"images_per_s": b / seconds, "speedup": masked_s / seconds}
+            out[f"batch{b}_{label}"] = row
+    return {"model": name, "image_size": size, "batch": batch, **out}
 
 
-def _calibrated_eval(
-    step: Any, variables: Any, data: dict[str, Any], num_blocks: int
+def _calibrated(
+    step: Any, variables: Any, data: dict[str, Any], mesh: jax.sharding.Mesh, n: int
 ) -> Callable[[jax.Array], dict[str, jax.Array]]:
     """The eval ``step`` compiled once for calibrated gates on ``data``: a function of the
-    thresholds [num_blocks] that returns the step's outputs."""
-    key = jax.random.key(0)
-    compiled, _ = compile_timed(step, variables, data, key, "calibrated", jnp.zeros((num_blocks,)))
+    thresholds [n] that returns the step's outputs."""
+    key, variables = jax.random.key(0), jax.device_put(variables, replicated(mesh))
+    compiled, _ = compile_timed(step, variables, data, key, "calibrated", jnp.zeros((n,)))
     return lambda thresholds: compiled(variables, data, key, thresholds)
 
 
 def abstract_train_step(
-    model: Any, size: int, batch: int, mesh: jax.sharding.Mesh
+    config: Any, size: int, batch: int, mesh: jax.sharding.Mesh
 ) -> tuple[Any, tuple[Any, ...]]:
-    """The train step of ``model`` (:func:`bench_train_step`) and abstract arguments for it on
-    ``mesh``: shapes, dtypes and shardings of the state, a batch of ``batch`` images
-    [size, size, 3] and the key. Compiling needs no arrays and no device."""
-    tx, step = bench_train_step(model)
+    """The train step of ``config`` (:func:`train_step_for`) and abstract arguments for it on
+    ``mesh``: the state, ``batch`` uint8 images [size, size, 3] with their labels, and the key.
+    Compiling needs no arrays and no device."""
+    model, tx, step = train_step_for(config)
     abstract = jax.eval_shape(lambda: create_train_state(model, tx, (size, size, 3), 0))
-    state = replicated_like(abstract, mesh)
-    shapes = {
-        "image": ((batch, size, size, 3), jnp.float32),
-        "label": ((batch,), jnp.int32),
-        "mask": ((batch,), jnp.bool_),
-        "index": ((batch,), jnp.int32),
-    }
+    shapes = {"image": ((batch, size, size, 3), jnp.uint8), "label": ((batch,), jnp.int32)}
     data = {
         k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharded(mesh))
         for k, (shape, dtype) in shapes.items()
     }
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
-    return step, (state, data, key)
+    return step, (replicated_like(abstract, mesh), data, key)
 
 
 def bench_compile_cache(name: str, size: int, batch: int, dtype: str) -> dict[str, Any]:
     """Cold and warm (persistent cache) compile seconds of the gated model's train step."""
-    model = build_model(name, num_classes=10, dtype=dtype)
-    step, args = abstract_train_step(model, size, batch, make_mesh())
+    step, args = abstract_train_step(model_config(name, dtype), size, batch, make_mesh())
     result = {"model": name}
     for kind in ("cold", "warm"):
         jax.clear_caches()  # in-memory caches only: "warm" reads the compiled step from disk
         result[f"{kind}_compile_s"] = compile_timed(step, *args)[1]["compile_s"]
     return result
+
+
+def loop_config(name: str, size: int, batch: int, dtype: str, base: Any = None) -> Any:
+    """``model_config`` on synthetic images of ``size`` (ImageNet preprocessing above 32²)."""
+    config = model_config(name, dtype, base=base)
+    config.batch_size, config.eval_batch_size = batch, batch
+    ds = config.dataset
+    ds.source, ds.image_size, ds.num_examples = "synthetic", size, ds.num_examples or 4 * batch
+    if size > 32:
+        ds.preprocess, ds.mean, ds.std = "imagenet", default.IMAGENET_MEAN, default.IMAGENET_STD
+    return config
+
+
+def bench_loop(config: Any, steps: int, iters: int) -> dict[str, Any]:
+    """``train.py``'s loop (input pipeline, prefetching, logging) on ``config``'s data for two
+    logging intervals of ``steps`` steps (the first holds the compile), against its bare train
+    step: images/s of both and, per step of the second interval, the milliseconds spent waiting
+    for input and on the host beyond the bare step and the wait. Evaluation (of one batch) and
+    checkpointing are outside the loop's own timing."""
+    config = config.copy_and_resolve_references()
+    config.num_train_steps, config.log_every_steps = 2 * steps, steps
+    config.checkpoint_every_steps, config.eval_limit = 2 * steps, config.eval_batch_size
+    config.evals.sample.during_training = False  # one argmax evaluation
+    config.data_threads = os.cpu_count() or 1
+    config.progress, config.tensorboard = False, False
+    with tempfile.TemporaryDirectory(prefix="aig-jax-bench-loop-") as workdir:
+        train_and_evaluate(config, workdir)
+        last = read_metrics(workdir, "train")[-1]
+    batch, size = config.batch_size, config.dataset.image_size
+    spe = max(1, config.dataset.num_examples // batch)
+    bare = TrainRunner(config, size, batch, make_mesh(), spe)  # the loop's own program
+    loop_ms, bare_ms = 1e3 * batch / last["images_per_sec"], 1e3 * _timed(bare, iters)
+    wait_ms = last["input_wait_fraction"] * loop_ms
+    return {
+        "model": config.model, "image_size": size, "batch": batch,
+        "images_per_s": last["images_per_sec"], "bare_images_per_s": 1e3 * batch / bare_ms,
+        "over_bare_step": bare_ms / loop_ms, "input_wait_ms": wait_ms,
+        "host_ms": loop_ms - bare_ms - wait_ms, "input_wait_fraction": last["input_wait_fraction"],
+    }  # fmt: skip
+
+
+def bench_reference(
+    name: str, size: int, batch: int, dtype: str, iters: int, variants: tuple[str, ...] = VARIANTS
+) -> dict[str, Any]:
+    """Train and inference images/s of the reference's PyTorch model of ``name``
+    (:mod:`tests.torch_reference`: its train step and SGD; ungated: the torchvision-named
+    ResNet), channels-last, in bfloat16 autocast for ``dtype`` bfloat16; on CUDA if PyTorch has
+    it, else on the CPU."""
+    import torch
+
+    from aig_jax.model.blocks import Bottleneck
+    from tests import torch_reference as ref
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    like = ModelSpec.from_config(model_config(name, dtype)).build()
+    n, script = like.num_blocks, "imagenet" if like.stem == "imagenet" else "cifar"
+    x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
+    y, noise = torch.arange(batch, device=dev) % 10, ref.torch_gumbel_noise((n, batch, 2)).to(dev)
+    result: dict[str, Any] = {"device": dev, "torch": torch.__version__}
+    for tag in variants:
+        net = ref.TorchResNet(
+            like.block_cls is Bottleneck, like.stage_sizes, like.widths, like.stem, 10,
+            naming="reference" if tag == "gated" else "torchvision",
+        ).to(dev, memory_format=torch.channels_last)  # fmt: skip
+        opt = ref.make_optimizer(net, script=script)
+        cast = torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+        def train(net: Any = net, opt: Any = opt, cast: Any = cast) -> Any:
+            with cast:
+                ref.train_step(net, opt, x, y, [0.5] * n, noise, lossfact=1.0, script=script)
+
+        def infer(net: Any = net, cast: Any = cast) -> Any:
+            net.eval()
+            with torch.no_grad(), cast:
+                net(x, "argmax")
+
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+        result[tag] = {
+            f"{s}_images_per_s": batch / _torch_timed(fn, iters, sync)
+            for s, fn in (("train", train), ("infer", infer))
+        }
+    return result
+
+
+def _torch_timed(fn: Callable[[], Any], iters: int, sync: Callable[[], Any]) -> float:
+    """Seconds per call of ``fn`` after two warm-up calls, waiting for the device."""
+    for _ in range(2):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / iters

@@ -1,22 +1,20 @@
-"""Throughput, compile time and memory of gated vs ungated ResNets, and of real layer skipping.
+"""Throughput, compile time and memory of gated vs ungated ResNets, real layer skipping and the
+training loop.
 
 Usage (from the repository root)::
 
     python -m bench.speed --small            # CPU-sized models and batches
-    python -m bench.speed                    # AIG-ResNet-50 224² and AIG-ResNet-110 32², batch 256
-    python -m bench.speed --dtype bfloat16 --cache-dir /tmp/jax-cache
+    python -m bench.speed --dtype bfloat16   # AIG-ResNet-50 224² and AIG-ResNet-110 32², batch 256
+    python -m bench.speed --sections models --models resnet110_cifar --reference --profile
 
-One run measures, on whatever backend JAX finds: train-step and inference images/s of each gated
-model and of the ungated model of the same architecture (``--variants`` picks which); trace and
-compile time; peak device memory (where the backend reports it) and the compiled step's memory;
-the skipping inference paths (:mod:`aig_jax.inference.skipping`) against the masked one (batch 1
-with ``lax.cond`` at execution rates of 0.5 and 1; the whole batch with the path ``choose_path``
-picks, and on accelerators the Pallas kernel too); a cold and a warm compile through JAX's
-persistent compilation cache; the training loop of ``train.py`` against the bare train step; and
-the host input pipeline's images/s (``--sections`` picks some, ``--models`` some models). It
-prints a table and writes JSON to ``bench/results/<device>.json``. Gates are untrained: the
-execution rates come from "calibrated" thresholds (-1 executes a block for every image, 2 skips
-it; per-block medians of p(execute) split a batch in halves).
+Sections (``--sections`` picks some; :mod:`bench.model_bench` measures): ``models``, train-step
+and inference images/s, trace and compile time and memory of each gated model and of the
+ungated model of the same architecture (``--reference``: the reference's PyTorch model too;
+``--profile``: kernels per step and the compiler's costliest phases); ``skipping``, the skipping
+inference paths (:mod:`aig_jax.inference.skipping`) against the masked one; ``compile_cache``, a
+cold and a warm compile through JAX's persistent cache; ``loop``, ``train.py``'s loop against its
+bare step. Prints a table and writes JSON to ``bench/results/<device>.json``, after every
+figure, so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -32,127 +30,58 @@ from typing import Any
 import jax
 
 from aig_jax.compilation_cache import enable_compilation_cache
-from bench.input_bench import bench_loop, bench_pipeline
-from bench.model_bench import VARIANT_NAMES, bench_compile_cache, bench_model
+from bench import model_bench as mb
 from bench.table import table
 
-#: (model, image size, batch) per size; "tiny" is for the test that the script runs.
+#: Per setting, (model, image size, batch) of each model, loop steps per logging interval and
+#: timed calls per measurement; "tiny" only checks that the script runs.
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {
-        "models": [("resnet50", 224, 256), ("resnet110_cifar", 32, 256)],
-        "pipeline": [
-            ("cifar", "synthetic", 32, 256),
-            ("imagenet", "synthetic", 224, 256),
-            ("imagenet", "jpeg", 224, 256),
-        ],
-        "pipeline_steps": 20,
-        "loop_steps": 50,
-        "iters": 10,
-    },
-    "small": {
-        "models": [("resnet50", 64, 8), ("resnet110_cifar", 32, 16)],
-        "pipeline": [
-            ("cifar", "synthetic", 32, 256),
-            ("imagenet", "synthetic", 224, 64),
-            ("imagenet", "jpeg", 224, 64),
-        ],
-        "pipeline_steps": 20,
-        "loop_steps": 4,
-        "iters": 3,
-    },
-    "tiny": {
-        "models": [("resnet8_cifar", 16, 4)],
-        "pipeline": [
-            ("cifar", "synthetic", 32, 16),
-            ("imagenet", "synthetic", 64, 8),
-            ("imagenet", "jpeg", 64, 8),
-        ],
-        "pipeline_steps": 2,
-        "loop_steps": 2,
-        "iters": 1,
-    },
-}
-
-#: What one run measures, in order; ``--sections`` picks some.
-SECTIONS = ("compile_cache", "models", "loop", "pipeline")
+    "full": {"models": [("resnet50", 224, 256), ("resnet110_cifar", 32, 256)], "loop": 50,
+             "iters": 10},
+    "small": {"models": [("resnet50", 64, 8), ("resnet110_cifar", 32, 16)], "loop": 4, "iters": 3},
+    "tiny": {"models": [("resnet8_cifar", 16, 4)], "loop": 2, "iters": 1},
+}  # fmt: skip
+SECTIONS = ("models", "skipping", "compile_cache", "loop")
 
 
 def select_models(
     models: list[tuple[str, int, int]], names: list[str] | None
 ) -> list[tuple[str, int, int]]:
-    """The ``(name, image size, batch)`` entries of ``models`` named in ``names`` (None: all),
-    in the setting's order; a ``ValueError`` names any name the setting does not have."""
-    if names is None:
-        return models
+    """The entries of ``models`` named in ``names`` (None: all), in the setting's order; a
+    ``ValueError`` names any name the setting does not have."""
     known = [m[0] for m in models]
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names or () if n not in known]
     if unknown:
         raise ValueError(f"--models {unknown} not among this setting's models {known}")
-    return [m for m in models if m[0] in names]
+    return [m for m in models if names is None or m[0] in names]
+
+
+def add_size_arguments(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
+    """The flags ``bench.speed`` and ``bench.aot_compile`` share: setting, dtype, models,
+    variants and the JSON path."""
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--small", action="store_const", dest="size", const="small", default="full")
+    size.add_argument("--tiny", action="store_const", dest="size", const="tiny")
+    parser.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16"))
+    parser.add_argument("--models", nargs="+", metavar="NAME", help="some of the setting's models")
+    parser.add_argument("--variants", nargs="+", choices=mb.VARIANTS, default=list(mb.VARIANTS))
+    parser.add_argument("--out", help="JSON path (default under bench/results/)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run every measurement, print the table, write the JSON and return the results."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--small", action="store_const", dest="size", const="small")
-    size.add_argument(
-        "--tiny",
-        action="store_const",
-        dest="size",
-        const="tiny",
-        help="the smallest setting, which only checks that the script runs",
-    )
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    """Run the asked sections, print the table, write the JSON and return the results."""
+    parser = argparse.ArgumentParser("python -m bench.speed", description=__doc__.split("\n")[0])
+    add_size_arguments(parser)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--reference", action="store_true", help="the PyTorch reference too")
+    parser.add_argument("--profile", action="store_true", help="trace steps and compiles")
     parser.add_argument(
         "--cache-dir",
-        default=None,
-        help="persistent compilation cache kept across runs (default: a fresh "
-        "temporary one, used only for the cold/warm compile measurement)",
-    )
-    parser.add_argument(
-        "--out", default=None, help="JSON path (default bench/results/<device>.json)"
-    )
-    parser.add_argument(
-        "--no-compile-cache",
-        action="store_true",
-        help="skip the cold/warm persistent-cache compile measurement (two long compiles)",
-    )
-    parser.add_argument(
-        "--sections",
-        nargs="+",
-        choices=SECTIONS,
-        default=list(SECTIONS),
-        help="measure only these sections (default: all)",
-    )
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=None,
-        metavar="NAME",
-        help="measure only these of the setting's models in the models and loop sections "
-        "(full and small: resnet50 resnet110_cifar)",
-    )
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        choices=VARIANT_NAMES,
-        default=None,
-        help="model variants measured in the models section (default: both)",
-    )
-    parser.add_argument(
-        "--no-skipping",
-        action="store_true",
-        help="leave out the skipping inference paths of the models section",
-    )
-    parser.add_argument(
-        "--profile",
-        action="store_true",
-        help="trace a few train steps of each variant (kernels per step, their summed time "
-        "and the gates' share) and its train-step compile (the compiler's costliest phases)",
+        help="persistent compilation cache kept across runs (default: a temporary one for the "
+        "compile_cache section, then none: every other compile is cold)",
     )
     args = parser.parse_args(argv)
-    setting = SIZES[args.size or "full"]
+    setting = SIZES[args.size]
     try:
         models = select_models(setting["models"], args.models)
     except ValueError as err:
@@ -161,77 +90,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-
     device = jax.devices()[0]
     results: dict[str, Any] = {
-        "backend": jax.default_backend(),
-        "device": device.device_kind,
-        "device_count": jax.device_count(),
-        "jax_version": jax.__version__,
-        "size": args.size or "full",
-        "dtype": args.dtype,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
+        "backend": jax.default_backend(), "device": device.device_kind,
+        "device_count": jax.device_count(), "jax_version": jax.__version__, "size": args.size,
+        "dtype": args.dtype, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }  # fmt: skip
     slug = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", f"{slug}.json"
-    )
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{slug}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
 
-    def save() -> None:  # after every measurement, so an interrupted run keeps what it measured
+    def save() -> None:
         with open(out, "w") as f:
             json.dump(results, f, indent=2)
 
-    name, img, batch = setting["models"][-1]  # the CIFAR model: AIG-ResNet-110 unless tiny
-    if "compile_cache" in args.sections and not args.no_compile_cache:
-        results["compile_cache"] = bench_compile_cache(name, img, batch, args.dtype)
+    iters, dtype = setting["iters"], args.dtype
+    if "compile_cache" in args.sections:
+        results["compile_cache"] = mb.bench_compile_cache(*models[-1], dtype)
         save()
-    if args.cache_dir is None:  # the timings below are then cold compiles
+    if args.cache_dir is None:  # every compile below is then a cold one
         enable_compilation_cache(False)
         shutil.rmtree(cache_dir, ignore_errors=True)
     if "models" in args.sections:
         results["models"] = []
-        for i, (name, img, batch) in enumerate(models):
-            results["models"].append({"model": name})
+        for m in models:
+            results["models"].append({})
 
-            def progress(partial: dict[str, Any], i: int = i) -> None:
-                results["models"][i] = partial
+            def progress(result: dict[str, Any]) -> None:
+                results["models"][-1] = result
                 save()
 
-            bench_model(
-                name,
-                img,
-                batch,
-                args.dtype,
-                setting["iters"],
-                tuple(args.variants or VARIANT_NAMES),
-                skipping=not args.no_skipping,
-                profile=args.profile,
-                progress=progress,
-            )
+            entry = mb.bench_model(*m, dtype, iters, tuple(args.variants), args.profile, progress)
+            if args.reference:
+                entry["reference"] = ref = mb.bench_reference(
+                    *m, dtype, iters, tuple(args.variants)
+                )
+                entry["ratios"].update(reference_ratios(entry, ref))
+            save()
+    if "skipping" in args.sections:
+        results["skipping"] = []
+        for m in models:
+            results["skipping"].append(mb.bench_skipping(*m, dtype, iters))
+            save()
     if "loop" in args.sections:
         results["loop"] = []
-        for name, img, batch in models:
-            loop = bench_loop(name, img, batch, args.dtype, setting["loop_steps"])
-            bare = {r["model"]: r for r in results.get("models", [])}.get(name)
-            if bare is not None and "gated" in bare:  # the same model's bare train step
-                loop["over_bare_step"] = loop["images_per_s"] / bare["gated"]["train_images_per_s"]
-            results["loop"].append(loop)
+        for name, size, batch in models:
+            config = mb.loop_config(name, size, batch, dtype)
+            results["loop"].append(mb.bench_loop(config, setting["loop"], iters))
             save()
-    if "pipeline" in args.sections:
-        steps = setting["pipeline_steps"]
-        results["pipeline"] = []
-        for p in setting["pipeline"]:
-            results["pipeline"].append(bench_pipeline(*p, steps))
-            save()
-    save()  # also when no section ran, so that the file the last line names exists
-    print(
-        f"{results['device']} ({results['backend']} ×{results['device_count']}), "
-        f"jax {results['jax_version']}, {args.dtype}"
-    )
+    save()
+    print(f"{results['device']} ({results['backend']} ×{results['device_count']}), "
+          f"jax {results['jax_version']}, {dtype}")  # fmt: skip
     print(table(results))
     print(f"wrote {out}")
     return results
+
+
+def reference_ratios(ours: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
+    """Our train and inference images/s over the reference's, per variant measured by both."""
+    return {
+        f"{s}_{tag}_over_reference": ours[tag][f"{s}_images_per_s"] / theirs[f"{s}_images_per_s"]
+        for tag, theirs in reference.items()
+        if tag in mb.VARIANTS and tag in ours
+        for s in ("train", "infer")
+    }
 
 
 if __name__ == "__main__":

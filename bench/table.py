@@ -1,11 +1,11 @@
-"""The benchmark's results as a text table."""
+"""The benchmarks' results as text tables."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from bench.model_bench import VARIANT_NAMES
+from bench.model_bench import VARIANTS
 
 
 def fmt(value: Any) -> str:
@@ -13,7 +13,7 @@ def fmt(value: Any) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return f"{value:,.0f}" if abs(value) >= 999.5 else f"{value:.3g}"
     return str(value)
 
 
@@ -34,58 +34,47 @@ def aligned(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def table(results: dict[str, Any]) -> str:
-    """The results as aligned text rows: one per model and variant, then skipping, compile
-    cache and input pipeline."""
-    rows = [("model", "variant", "train img/s", "infer img/s", "compile s", "peak MiB")]
+    """``bench.speed``'s results as text: one row per model and variant (with the reference's
+    PyTorch model where measured), then ratios, profiles, skipping, compile cache and loop."""
+    head = ("model", "variant", "train img/s", "infer img/s", "compile s", "peak MiB")
+    rows: list[Sequence[str]] = [(*head, "reference train", "infer")]
+    lines = []
     for r in results.get("models", []):
-        for tag in (t for t in VARIANT_NAMES if t in r):
-            m = r[tag]
-            peak = m["peak_device_bytes"]
-            rows.append(
-                (
-                    f"{r['model']} {r['image_size']}² b{r['batch']}",
-                    tag,
-                    fmt(m["train_images_per_s"]),
-                    fmt(m["infer_images_per_s"]),
-                    fmt(m["train_compile"]["compile_s"]),
-                    fmt(None if peak is None else peak / 2**20),
-                )
-            )
-    lines = aligned(rows)
-    for r in results.get("models", []):
-        ratios = r["ratios"]
-        if "train_gated_over_ungated" in ratios:
+        ref = r.get("reference", {})
+        for tag in (t for t in VARIANTS if "infer_images_per_s" in r.get(t, {})):
+            m, peak, theirs = r[tag], r[tag]["peak_device_bytes"], ref.get(tag, {})
+            rows.append((
+                f"{r['model']} {r['image_size']}² b{r['batch']}", tag,
+                *(fmt(m[f"{s}_images_per_s"]) for s in ("train", "infer")),
+                fmt(m["train_compile"]["compile_s"]), fmt(None if peak is None else peak / 2**20),
+                *(fmt(theirs.get(f"{s}_images_per_s")) for s in ("train", "infer")),
+            ))  # fmt: skip
+        if r.get("ratios"):
             lines.append(
-                f"{r['model']}: gated/ungated train {fmt(ratios['train_gated_over_ungated'])}, "
-                f"infer {fmt(ratios['infer_gated_over_ungated'])}"
+                f"{r['model']}: " + ", ".join(f"{k} {fmt(v)}" for k, v in r["ratios"].items())
             )
-        for tag in (t for t in VARIANT_NAMES if "train_kernels" in r.get(t, {})):
-            k = r[tag]["train_kernels"]
-            step_ms = 1e3 * r["batch"] / r[tag]["train_images_per_s"]
+        for tag in (t for t in VARIANTS if "train_kernels" in r.get(t, {})):
+            k, step_ms = r[tag]["train_kernels"], 1e3 * r["batch"] / r[tag]["train_images_per_s"]
+            info = r[tag]["train_compile"]
             lines.append(
                 f"  {tag} train step {fmt(step_ms)} ms: {fmt(k['ops'])} kernels, "
                 f"{fmt(k['op_ms'])} ms of kernel time, of which gates {fmt(k['gate_op_ms'])} ms"
             )
-            compile_info = r[tag]["train_compile"]
             lines.append(
-                f"  {tag} train compile {fmt(compile_info['compile_s'])} s: "
-                + phase_list(compile_info["phases"], compile_info["compile_s"])
+                f"  {tag} train compile {fmt(info['compile_s'])} s: "
+                + phase_list(info["phases"], info["compile_s"])
             )
-        for label, s in r.get("gated", {}).get("skipping", {}).items():
-            if label.startswith("batch1"):
-                lines.append(
-                    f"  {label}: rate {fmt(s['rate'])}, masked "
-                    f"{fmt(s['masked_ms_per_image'])} ms, cond {fmt(s['cond_ms_per_image'])} "
-                    f"ms per image, speed-up {fmt(s['speedup'])}×"
-                )
-            elif "error" in s:
-                lines.append(f"  {label} ({s['path']}): failed: {s['error']}")
-            else:
-                lines.append(
-                    f"  {label} ({s['path']}): rate {fmt(s['rate'])}, masked "
-                    f"{fmt(s['masked_images_per_s'])}, fast {fmt(s['fast_images_per_s'])} img/s, "
-                    f"speed-up {fmt(s['speedup'])}×"
-                )
+    for r in results.get("skipping", []):
+        for label, s in ((k, v) for k, v in r.items() if isinstance(v, dict)):
+            paths = [
+                f"{p} failed ({v['error'][:60]})" if "error" in v
+                else f"{p} {fmt(v['images_per_s'])} ({fmt(v['speedup'])}×)"
+                for p, v in s.items() if isinstance(v, dict)
+            ]  # fmt: skip
+            lines.append(
+                f"skipping {r['model']} {label}: rate {fmt(s['rate'])}, img/s masked "
+                f"{fmt(s['masked_images_per_s'])}, " + ", ".join(paths)
+            )
     if "compile_cache" in results:
         c = results["compile_cache"]
         lines.append(
@@ -93,17 +82,10 @@ def table(results: dict[str, Any]) -> str:
             f"warm (persistent cache) {fmt(c['warm_compile_s'])} s"
         )
     for r in results.get("loop", []):
-        ratio = r.get("over_bare_step")
         lines.append(
             f"training loop {r['model']} {r['image_size']}² b{r['batch']}: "
-            f"{fmt(r['images_per_s'])} img/s"
-            + ("" if ratio is None else f" ({fmt(ratio)}× the bare step)")
-            + f", waiting for input {fmt(r['input_wait_fraction'])} of the time"
+            f"{fmt(r['images_per_s'])} img/s, {fmt(r['over_bare_step'])}× the bare step's "
+            f"{fmt(r['bare_images_per_s'])}; per step {fmt(r['input_wait_ms'])} ms waiting for "
+            f"input, {fmt(r['host_ms'])} ms more on the host"
         )
-    for p in results.get("pipeline", []):
-        lines.append(
-            f"input pipeline {p['preprocess']} ({p['source']}) {p['image_size']}² b{p['batch']}: "
-            f"{fmt(p['images_per_s'])} img/s uint8 (normalised on the host: "
-            f"{fmt(p['host_normalised_images_per_s'])})"
-        )
-    return "\n".join(lines)
+    return "\n".join(aligned(rows) + lines)

@@ -13,7 +13,9 @@ Or with CIFAR-10 as ``.npz`` shards in DIR::
 1: after 149 and 249), weight decay 5e-4, λ = 2, every
 block gated with target ``--config.target_rate`` (0.7; the reference script's default is 0.6).
 Expected: about 5.8% test error (paper) on the original CIFAR-10, with about 82% of the
-blocks executed (0.41 of 0.5 GMACs).
+blocks executed (0.41 of 0.5 GMACs). Every 5 epochs the loop runs the evaluators of
+``config.evals`` marked ``during_training`` (argmax and sampled gates);
+``python eval.py --workdir workdirs/aig110`` runs all of them on the newest checkpoint.
 """
 
 from configs import default

@@ -1,7 +1,8 @@
 """Defaults shared by every config: the reference CIFAR-10 recipe with ConvNet-AIG 110.
 
 Other configs import ``get_config`` from here and override a few fields; any field can also be
-overridden on the command line, e.g. ``--config.target_rate=0.5``.
+overridden on the command line, e.g. ``--config.target_rate=0.5`` or
+``--config.evals.open.during_training=True``.
 """
 
 import ml_collections
@@ -73,8 +74,25 @@ def get_config() -> ml_collections.ConfigDict:
     c.data_threads = 8
     c.log_every_steps = 50
     c.eval_every_epochs = 5.0
-    c.eval_gate_modes = ("argmax", "sample")
     c.eval_limit = config_dict.placeholder(int)  # evaluate only the first N examples
+    # Evaluators by name: "type" is one of aig_jax.eval.suite.EVALUATORS, the other keys are its
+    # options (see that module). The training loop runs those "during_training" every
+    # eval_every_epochs; eval.py runs them all (its flags override them). "calibration" fits the
+    # thresholds of the calibrated mode whenever an evaluator uses it.
+    c.evals = ml_collections.ConfigDict(
+        {
+            "argmax": {"type": "classification", "mode": "argmax", "during_training": True},
+            "sample": {"type": "classification", "mode": "sample", "during_training": True},
+            "open": {"type": "classification", "mode": "open", "during_training": False},
+            "calibrated": {
+                "type": "classification",
+                "mode": "calibrated",
+                "during_training": False,
+            },
+            "calibration": {"type": "calibration", "limit": 10_000},
+            "gates": {"type": "gate_statistics", "during_training": False},  # per-class plots
+        }
+    )
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.init_from = config_dict.placeholder(str)  # a checkpoint to start from (not resume)

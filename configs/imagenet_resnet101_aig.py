@@ -5,7 +5,8 @@ Command (see ``imagenet_resnet50_aig.py`` for preparing the data)::
     python train.py --config configs/imagenet_resnet101_aig.py --workdir workdirs/aig101 \\
         --config.dataset.data_dir=DATA --config.target_rate=0.5
 
-The ResNet-50 recipe with the reference's ResNet-101 schedule: eight ungated blocks, then t.
+The ResNet-50 recipe with the reference's ResNet-101 schedule: eight blocks of target rate 1
+(their gates kept, as the reference does), then t.
 """
 
 from configs import imagenet_resnet50_aig

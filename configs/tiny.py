@@ -7,6 +7,8 @@ Command (offline; scikit-learn ships the data)::
 1,437 training and 360 test images (8×8, upsampled to 16×16), every block gated with target
 0.6, 15 epochs at batch 64. It is the end-to-end smoke test of the whole pipeline and the demo
 of the README; expect a test error of a few percent with about 60% of the blocks executed.
+The loop evaluates argmax and sampled gates at epochs 5, 10 and 15 (``config.evals``);
+``python eval.py --workdir workdirs/tiny`` then runs every evaluator of the list.
 """
 
 from configs import default

@@ -12,10 +12,11 @@ import pytest
 
 from aig_jax import checkpoint
 from aig_jax.eval.restore import restore
+from aig_jax.model.spec import ModelSpec
 from aig_jax.sharding import make_mesh
 from aig_jax.train.loop import train_and_evaluate
 from aig_jax.train.metrics import read_metrics
-from tests.test_train import restore_state, small_config
+from tests.test_train import abstract_state, restore_state, small_config
 
 
 def config(steps):
@@ -119,7 +120,7 @@ def test_finished_run_whose_final_checkpoint_is_damaged_trains_it_again(
     with caplog.at_level(logging.WARNING):
         train_and_evaluate(config(4), run)
     assert "nothing to do" not in capsys.readouterr().out
-    assert "the final checkpoint does not verify: checkpoint step 4" in caplog.text
+    assert "checkpoint step 4 is corrupt: moved to" in caplog.text
     assert os.path.isdir(os.path.join(run, "checkpoints_corrupt", "4"))
     retrained, first = restore_state(run, small_config()), restore_state(four_steps, small_config())
     for a, b in zip(jax.tree.leaves(retrained), jax.tree.leaves(first), strict=True):
@@ -190,3 +191,19 @@ def test_read_metrics_keeps_the_last_record_of_each_step(tmp_path):
         f.write('{"step": 3, "ki')  # cut short by a kill
     assert read_metrics(str(tmp_path), "train") == [records[0], records[4]]
     assert read_metrics(str(tmp_path), "eval") == records[2:4]
+
+
+def test_init_from_gives_another_runs_variables_at_step_0(four_steps, tmp_path):
+    spec, like = abstract_state(small_config())
+    empty = str(tmp_path / "checkpoints")
+    saved = checkpoint.restore_or_init(
+        empty, like.variables, like.opt_state, spec, init_from=four_steps, fallback=True
+    )
+    assert (saved.step, saved.opt_state, saved.meta["step"]) == (0, None, 4)
+    trained, _, _ = restore_state(four_steps, small_config())
+    jax.tree.map(np.testing.assert_array_equal, saved.variables, trained)
+    other = ModelSpec.from_config(small_config(model="resnet14_cifar"))
+    with pytest.raises(checkpoint.CheckpointError, match="is for another model: name differs"):
+        checkpoint.restore_or_init(empty, like.variables, None, other, init_from=four_steps)
+    with pytest.raises(checkpoint.CheckpointError, match=r"init_from .*: no checkpoint there"):
+        checkpoint.restore_or_init(empty, like.variables, None, spec, init_from=str(tmp_path))

@@ -1,67 +1,66 @@
-"""bench/compare_commits.py end to end: HEAD against HEAD with a tiny model."""
+"""bench.compare_commits: the figures it summarises, and HEAD against itself end to end."""
 
 import json
+import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import pytest
+
+from bench import compare_commits as cc
+from tests.conftest import HANG_GUARD_S, REPO
+
+
+def test_flatten_names_list_items_by_model_and_keeps_numbers_only():
+    tree = {
+        "device": "cpu",
+        "models": [{"model": "m", "image_size": 16, "batch": 4, "gated": {"a": 2, "ok": True}}],
+        "loop": [{"x": 1.5}],
+    }
+    assert cc.flatten(tree) == {
+        "models/m:16:4/image_size": 16.0,
+        "models/m:16:4/batch": 4.0,
+        "models/m:16:4/gated/a": 2.0,
+        "loop/0/x": 1.5,
+    }
+
+
+def test_summary_is_median_and_range_per_commit_and_the_ratio_of_medians():
+    runs = [
+        {"commit": c, "results": {"m": {"train_images_per_s": v, "other": 1}}}
+        for c, v in (("before", 10.0), ("after", 30.0), ("before", 20.0), ("after", 20.0),
+                     ("before", 90.0), ("after", 25.0))
+    ]  # fmt: skip
+    summary = cc.summarise(runs, r"images_per_s")
+    assert list(summary) == ["m/train_images_per_s"]
+    entry = summary["m/train_images_per_s"]
+    assert entry["before"] == {"median": 20.0, "min": 10.0, "max": 90.0, "n": 3}
+    assert entry["after"] == {"median": 25.0, "min": 20.0, "max": 30.0, "n": 3}
+    assert entry["ratio"] == pytest.approx(1.25)
 
 
 def _worktrees() -> str:
-    """``git worktree list`` of the repository."""
-    return subprocess.run(
-        ["git", "worktree", "list", "--porcelain"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    run = ["git", "worktree", "list", "--porcelain"]
+    return subprocess.run(run, cwd=REPO, check=True, capture_output=True, text=True).stdout
 
 
-def test_compare_head_with_itself(tmp_path: Path) -> None:
-    """Both commits are measured (positive throughput and compile times, ratios), the JSON is
-    written, and the temporary worktrees are gone afterwards."""
-    before_trees = _worktrees()
+def test_head_against_itself_runs_the_same_bench_on_both_and_cleans_up(tmp_path):
+    before = _worktrees()
     out = tmp_path / "compare.json"
-    cmd = [
-        sys.executable,
-        str(REPO / "bench" / "compare_commits.py"),
-        "--before",
-        "HEAD",
-        "--after",
-        "HEAD",
-        "--models",
-        "resnet8_cifar:8:2",
-        "--repeats",
-        "1",
-        "--iters",
-        "1",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "bench.compare_commits", "--before", "HEAD", "--repeats", "1",
+           "--out", str(out), "--", "--tiny", "--sections", "compile_cache"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    run = {"cwd": REPO, "env": env, "capture_output": True, "text": True}
+    proc = subprocess.run(cmd, **run, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "after/before" in proc.stdout
-    assert _worktrees() == before_trees
-
+    assert _worktrees() == before
     report = json.loads(out.read_text())
-    head = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=REPO, check=True, capture_output=True, text=True
-    ).stdout.strip()
-    assert {c: report["commits"][c]["sha"] for c in ("before", "after")} == {
-        "before": head,
-        "after": head,
-    }
-    assert report["commits"]["after"]["core_lines"]["total"] > 0
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert {c["sha"] for c in report["commits"].values()} == {head.stdout.strip()}
     assert [r["commit"] for r in report["runs"]] == ["before", "after"]
-    for run in report["runs"]:
-        result = run["models"]["resnet8_cifar"]
-        for phase in ("train", "infer"):
-            assert result[f"{phase}_img_s"] > 0
-            assert result[f"{phase}_compile_s"] > 0
-            assert result[f"{phase}_trace_lower_s"] > 0
-    summary = report["summary"]["resnet8_cifar"]
-    for key in ("train_img_s", "infer_img_s", "train_cpu_ms", "train_total_compile_s"):
-        assert summary[key]["ratio"] > 0
-        assert summary[key]["before"]["n"] == summary[key]["after"]["n"] == 1
+    assert set(report["summary"]) == {
+        "compile_cache/cold_compile_s",
+        "compile_cache/warm_compile_s",
+    }
+    assert all(e["ratio"] > 0 for e in report["summary"].values())
+    assert "compile_cache/cold_compile_s" in proc.stdout

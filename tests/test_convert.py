@@ -306,7 +306,7 @@ def test_cli_converts_a_reference_checkpoint_and_back(tmp_path, capsys):
     )
     meta, directory, step = read_meta(str(dst))
     spec = ModelSpec.from_json(meta["model"])
-    assert spec == ModelSpec("resnet8_cifar", 100, (1.0, 0.5, 0.5))
+    assert spec == ModelSpec("resnet8_cifar", 100, (1.0, 0.5, 0.5), gate_rate_one_blocks="drop")
     assert meta["converted_from"] == "reference" and meta["source"] == str(src)
     model = spec.build()
     restored = load_variables(directory, step, abstract_variables(model))

@@ -11,11 +11,13 @@ from PIL import Image
 
 from aig_jax.checkpoint import CheckpointError, save_variables
 from aig_jax.data import eval_iterator, eval_transform, make_source
+from aig_jax.errors import ConfigError
 from aig_jax.eval import calibration, gate_stats
 from aig_jax.eval.evaluators import Classification, EvalContext
 from aig_jax.eval.predict import Predictions, predict, summarize
 from aig_jax.eval.restore import restore
 from aig_jax.eval.step import make_eval_step
+from aig_jax.eval.suite import Evaluators
 from aig_jax.model.flops import model_cost
 from aig_jax.model.resnet import build_model
 from aig_jax.model.spec import ModelSpec
@@ -201,7 +203,7 @@ def test_clear_errors_for_missing_checkpoints_other_models_and_class_counts(trai
         restore(workdir, make_mesh(), other)
     classes = config.copy_and_resolve_references()
     classes.dataset.num_classes = 7
-    with pytest.raises(ValueError, match=r"num_classes = 7.*predicts 10"):
+    with pytest.raises(CheckpointError, match=r"num_classes differs: 10 in the checkpoint, 7 in"):
         restore(workdir, make_mesh(), classes)
     with pytest.raises(ValueError, match="unknown gate mode 'greedy'"):
         _eval_py([f"--workdir={workdir}", "--modes=argmax,greedy"])
@@ -223,11 +225,32 @@ def test_eval_py_refuses_a_checkpoint_with_nan_weights_naming_the_variable(tmp_p
     assert not os.path.exists(tmp_path / "report")
 
 
+def test_eval_py_refuses_outputs_that_are_not_finite_in_one_line(tmp_path):
+    """Finite weights whose logits and gate probabilities overflow: one error line (exit 2)
+    instead of "nan GMACs/image", and no report."""
+    config = tiny.get_config()
+    spec = ModelSpec.from_config(config)
+    shapes = abstract_variables(spec.build(), (16, 16, 3))
+    variables = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
+    variables["params"]["linear"]["kernel"][:] = 1e38  # the logits overflow to infinity
+    variables["params"]["stage1_block0"]["gate"]["fc2"]["kernel"][:] = 1e38  # p(execute) NaN
+    meta = {"model": spec.to_json(), "config": config.to_dict()}
+    save_variables(str(tmp_path), 3, variables, meta)
+    proc = run_cli("eval.py", f"--checkpoint={tmp_path}", "--modes=argmax", "--limit=64")
+    line = user_error_line(proc)
+    assert line == (
+        "error: the model's outputs are not finite (NaN or infinite logits or gate "
+        "probabilities) for 64 of 64 images in gate mode 'argmax'; nothing is reported"
+    )
+    assert "GMACs" not in proc.stdout and not os.path.exists(tmp_path / "report")
+
+
 def test_calibrated_classification_needs_thresholds(trained):
     workdir, _ = trained
     mesh = make_mesh()
     restored = restore(workdir, mesh)
-    ctx = EvalContext.create(restored.model, restored.spec, restored.config, mesh)
+    ds, batch = restored.config.dataset, restored.config.eval_batch_size
+    ctx = EvalContext.create(restored.model, restored.spec, ds, mesh, batch_size=batch)
     with pytest.raises(ValueError, match="'calibrated' needs thresholds"):
         Classification(ctx, "calibrated")
     with pytest.raises(ValueError, match="seeds must be >= 1"):
@@ -243,3 +266,52 @@ def _eval_py(argv, entry="evaluate"):
         return eval_py.evaluate() if entry == "evaluate" else eval_py.main(["eval.py"])
     finally:
         flags.FLAGS.unparse_flags()
+
+
+def test_eval_py_runs_an_old_checkpoints_defaults_and_the_flags_override_them(trained, tmp_path):
+    """A checkpoint whose config predates config.evals gets configs/default.py's evaluators;
+    --modes replaces the classifications (in its order), and the analysis follows the first."""
+    workdir, config = trained
+    old = config.to_dict()
+    del old["evals"]
+    old["eval_gate_modes"] = ("argmax",)
+    restored = restore(workdir, make_mesh())
+    meta = {"model": restored.spec.to_json(), "config": old}
+    save_variables(str(tmp_path / "old"), 5, jax.device_get(restored.variables), meta)
+    argv = [f"--checkpoint={tmp_path / 'old'}", "--limit=64", "--samples=1"]
+    report = _eval_py([*argv, "--calibration_limit=64", f"--output={tmp_path / 'a'}"])
+    assert list(report["modes"]) == ["argmax", "sample", "open", "calibrated"]
+    assert report["calibration"]["num_examples"] == 64
+    assert report["analysis"]["gate_mode"] == "argmax"
+    report = _eval_py([*argv, "--modes=open,argmax", f"--output={tmp_path / 'b'}"])
+    assert list(report["modes"]) == ["open", "argmax"] and report["calibration"] is None
+    assert report["analysis"]["gate_mode"] == "open"
+    assert report["modes"]["open"]["mean_executed_blocks"] == 3.0
+
+
+def test_evaluators_check_their_entries_and_collapse_for_a_model_without_gates(trained, tmp_path):
+    workdir, config = trained
+    mesh = make_mesh()
+    restored = restore(workdir, mesh)
+    ds, batch = restored.config.dataset, restored.config.eval_batch_size
+    ctx = EvalContext.create(restored.model, restored.spec, ds, mesh, batch_size=batch, limit=64)
+    with pytest.raises(ConfigError, match=r"config.evals.a: JPEG quality must be in \[1, 100\]"):
+        Evaluators(ctx, {"a": {"type": "attack", "jpeg_quality": 0}})
+    evals = {
+        "argmax": {"type": "classification", "mode": "argmax"},
+        "calibrated": {"type": "classification", "mode": "calibrated", "during_training": False},
+        "fit": {"type": "calibration", "limit": 64},
+    }
+    assert Evaluators(ctx, evals, during_training=True).calibration is None
+    results = Evaluators(ctx, evals).run(restored.variables, str(tmp_path))
+    assert list(results) == ["fit", "argmax", "calibrated"]  # thresholds first
+    assert results["calibrated"]["gate_mode"] == "calibrated"
+    baseline = tmp_path / "plain"
+    save_ungated_copy(restored.variables, baseline, config)
+    plain = restore(str(baseline), mesh)
+    ctx = EvalContext.create(plain.model, plain.spec, ds, mesh, batch_size=batch)
+    gates = {"type": "gate_statistics", "mode": "sample"}
+    assert Evaluators(ctx, {**evals, "gates": gates}).entries == {
+        "argmax": {"type": "classification", "mode": "argmax"},
+        "gates": {"type": "gate_statistics", "mode": "argmax"},
+    }

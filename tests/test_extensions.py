@@ -1,8 +1,8 @@
 """Extension points, exercised the way a research fork uses them: from outside the package.
 
-This module defines its own gate, backbone, target-rate schedule and dataset source, registers
-each by name, and selects them from a config. The cheap tests check each one in isolation; one
-end-to-end test trains a step through ``train_and_evaluate`` with all four at once.
+This module defines its own gate, backbone, target-rate schedule, dataset source and evaluator,
+registers each by name, and selects them from a config. The cheap tests check each one in
+isolation; one end-to-end test trains a step through ``train_and_evaluate`` with all at once.
 """
 
 import configparser
@@ -21,10 +21,11 @@ import pytest
 import aig_jax
 from aig_jax import checkpoint
 from aig_jax.data import SOURCES, make_source, train_iterator
+from aig_jax.eval.suite import EVALUATORS
 from aig_jax.model.blocks import ConvSpec, ModuleDef, ResidualBlock
 from aig_jax.model.flops import model_cost
 from aig_jax.model.gates import GATES, GateOutput, check_gate_mode, straight_through_threshold
-from aig_jax.model.resnet import MODELS, ResNet, build_model
+from aig_jax.model.resnet import MODELS, build_model, resnet
 from aig_jax.model.schedules import SCHEDULES
 from aig_jax.model.spec import ModelSpec
 from aig_jax.model.variables import init_variables
@@ -151,18 +152,34 @@ def counting_source(dataset_cfg: Any, split: str) -> CountingSource:
     return source
 
 
+class Confidence:
+    """An evaluator: the mean top-1 softmax probability over the evaluation split."""
+
+    def __init__(self, ctx: Any, mode: str = "argmax") -> None:
+        self.ctx, self.mode = ctx, mode
+
+    def run(self, variables: Any) -> dict[str, Any]:
+        preds = self.ctx.predict(variables, self.mode)
+        return {
+            "gate_mode": self.mode,
+            "examples": len(preds.labels),
+            "mean": preds.confidence.mean(),
+        }
+
+
 # --- registration: what a fork's own module does at import time --------------------------------
 
 GATES.register("sigmoid_test", SigmoidGate, overwrite=True)
 MODELS.register(
     "resnext8_test",
     functools.partial(
-        ResNet, stage_sizes=(1, 1, 1), block_cls=GroupedBottleneck, widths=(8, 16, 32), stem="cifar"
+        resnet, stage_sizes=(1, 1, 1), block_cls=GroupedBottleneck, widths=(8, 16, 32), stem="cifar"
     ),
     overwrite=True,
 )
 SCHEDULES.register("ramp_test", ramp, overwrite=True)
 SOURCES.register("counting_test", counting_source, overwrite=True)
+EVALUATORS.register("confidence_test", Confidence, overwrite=True)
 
 IMAGE_SIZE = 8
 
@@ -184,7 +201,8 @@ def fork_config():
     c.num_train_steps = 1
     c.log_every_steps = 1
     c.eval_every_epochs = 1000.0
-    c.eval_gate_modes = ("argmax",)
+    c.evals.sample.during_training = False
+    c.evals.confidence = {"type": "confidence_test", "mode": "open"}
     c.num_devices = 2  # sharded, as on a multi-device host, but cheap to compile on a CPU
     c.data_threads = 1
     c.progress = False
@@ -260,12 +278,18 @@ def test_fork_trains_one_step_with_all_extensions(tmp_path):
     n_train, n_test = len(OPENED["train"]), len(OPENED["test"])
     results = train_and_evaluate(config, str(tmp_path))
 
-    # The source: the step read one batch of distinct training examples; eval read every one.
+    # The source: the step read one batch of distinct training examples; each of the two
+    # evaluators (argmax, confidence) read every test example once.
     (train_source,) = OPENED["train"][n_train:]
     (test_source,) = OPENED["test"][n_test:]
     assert len(set(train_source.read_indices)) == 16
-    assert sorted(test_source.read_indices) == list(range(SPLIT_SIZES["test"]))
+    assert sorted(test_source.read_indices) == sorted(2 * list(range(SPLIT_SIZES["test"])))
     assert results["argmax"]["num_examples"] == SPLIT_SIZES["test"]
+    # The evaluator: run by the loop with its options from the config, and logged.
+    assert results["confidence"]["examples"] == SPLIT_SIZES["test"]
+    assert results["confidence"]["gate_mode"] == "open" and 0 < results["confidence"]["mean"] <= 1
+    (logged,) = [r for r in read_metrics(str(tmp_path), "eval") if r["evaluator"] == "confidence"]
+    assert logged["mean"] == pytest.approx(float(results["confidence"]["mean"]))
 
     # The schedule: the checkpoint records its rates and the loss pulled towards them.
     meta, directory, step = checkpoint.read_meta(str(tmp_path))

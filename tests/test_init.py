@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from aig_jax.model.blocks import BasicBlock, Bottleneck
-from aig_jax.model.resnet import CIFAR_WIDTHS, IMAGENET_WIDTHS, ResNet, with_init
+from aig_jax.model.resnet import CIFAR_WIDTHS, IMAGENET_WIDTHS, resnet
 from aig_jax.model.variables import init_variables
 
 torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install -e .[torch]")
@@ -47,14 +47,15 @@ def assert_same_distribution(ours, theirs, what):
 @pytest.mark.parametrize("stem", sorted(CASES))
 def test_reference_init_matches_the_reference_models_layer_by_layer(stem):
     case = CASES[stem]
-    model = ResNet(
+    model = resnet(
         stage_sizes=case["stage_sizes"],
         block_cls=Bottleneck if case["bottleneck"] else BasicBlock,
         widths=case["widths"],
         stem=stem,
         num_classes=case["classes"],
+        init="reference",
     )
-    ours = init_variables(with_init(model, "reference"), (32, 32, 3), seed=0)
+    ours = init_variables(model, (32, 32, 3), seed=0)
     torch.manual_seed(0)
     net = ref.TorchResNet(
         case["bottleneck"], case["stage_sizes"], case["widths"], stem, case["classes"]
@@ -69,14 +70,15 @@ def test_reference_init_matches_the_reference_models_layer_by_layer(stem):
 def test_he_normal_is_not_the_reference_cifar_init():
     """The comparison above tells the schemes apart: He-normal fails it on a CIFAR model."""
     case = CASES["cifar"]
-    model = ResNet(
+    model = resnet(
         stage_sizes=case["stage_sizes"],
         block_cls=BasicBlock,
         widths=case["widths"],
         stem="cifar",
         num_classes=10,
+        init="he_normal",
     )
-    ours = init_variables(with_init(model, "he_normal"), (32, 32, 3), seed=0)
+    ours = init_variables(model, (32, 32, 3), seed=0)
     torch.manual_seed(0)
     net = ref.TorchResNet(False, case["stage_sizes"], case["widths"], "cifar", 10)
     theirs = ref.variables_of(ref.reference_init(net), model)

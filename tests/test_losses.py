@@ -51,7 +51,7 @@ def test_schedules():
     assert r50 == (1, 1, 0.8, 1, 0.4, 0.4, 0.4, 1, 0.4, 0.4, 0.4, 0.4, 0.4, 1, 0.7, 1)
     r101 = target_rates("resnet101_reference", 33, 0.3)
     assert r101[:8] == (1.0,) * 8 and r101[8:] == (0.3,) * 25
-    assert gated_flags(r50).count(True) == 10
+    assert gated_flags(r50, "drop").count(True) == 10
     assert "uniform" in SCHEDULES
 
 

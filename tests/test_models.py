@@ -1,5 +1,6 @@
 import dataclasses
 import importlib
+import inspect
 
 import flax.linen as nn
 import jax
@@ -11,6 +12,7 @@ from aig_jax.model.blocks import BatchNorm
 from aig_jax.model.resnet import MODELS, build_model, num_blocks
 from aig_jax.model.schedules import gated_flags, target_rates
 from aig_jax.model.spec import ModelSpec
+from configs import default
 
 RNGS = {"params": jax.random.key(0), "gumbel": jax.random.key(1)}
 
@@ -86,7 +88,7 @@ def test_open_mode_equals_the_ungated_resnet_with_the_same_weights():
 
 def test_ungated_blocks_report_one_and_have_no_gate():
     rates = target_rates("resnet50_reference", 16, 0.5)
-    model = build_model("resnet50", num_classes=3, gated=gated_flags(rates))
+    model = build_model("resnet50", num_classes=3, gated=gated_flags(rates, "drop"))
     infos = model.block_infos()
     assert [i.gated for i in infos] == [r < 1 for r in rates]
     assert [i.index for i in infos if i.downsampling] == [0, 0, 0, 0]
@@ -208,7 +210,7 @@ def test_rate_one_blocks_keep_their_gates_by_default_as_in_the_reference(config,
     assert all(spec.gated) and 1.0 in spec.rates
     assert _param_count(_abstract_init(spec.build(), 64)["params"]) == keep
     dropped = dataclasses.replace(spec, gate_rate_one_blocks="drop")
-    assert dropped.gated == gated_flags(spec.rates)
+    assert dropped.gated == gated_flags(spec.rates, "drop")
     assert _param_count(_abstract_init(dropped.build(), 64)["params"]) == drop
     assert ModelSpec.from_json(spec.to_json()) == spec
 
@@ -218,4 +220,16 @@ def test_a_spec_written_before_init_and_layout_existed_loads_as_before():
     del data["init"], data["gate_rate_one_blocks"]
     old = ModelSpec.from_json(data)
     assert (old.init, old.gate_rate_one_blocks) == ("he_normal", "drop")
-    assert old.gated == gated_flags(old.rates) and not all(old.gated)
+    assert old.gated == gated_flags(old.rates, "drop") and not all(old.gated)
+
+
+def test_spec_build_model_and_the_configs_share_their_defaults():
+    config = default.get_config()
+    spec = ModelSpec.from_config(config)
+    assert ModelSpec(spec.name, spec.num_classes, spec.rates) == spec
+    assert inspect.signature(build_model).parameters["init"].default == spec.init == "reference"
+    # Chosen where the model is built: a CIFAR model's BatchNorm γ starts U(0, 1), as the
+    # reference's (He-normal would start it at 1), and the gates' with it.
+    variables = build_model("resnet8_cifar").init(RNGS, jnp.zeros((1, 8, 8, 3)))["params"]
+    for scale in (variables["bn1"]["scale"], variables["stage1_block0"]["gate"]["fc1bn"]["scale"]):
+        assert 0 <= scale.min() and scale.max() <= 1 and scale.std() > 0.1

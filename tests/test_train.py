@@ -28,8 +28,8 @@ from aig_jax.sharding import make_mesh, replicate, shard_batch
 from aig_jax.train import loop
 from aig_jax.train import workdir as workdir_lock
 from aig_jax.train.config_checks import validate_config
-from aig_jax.train.loop import LoopTimer, train_and_evaluate
-from aig_jax.train.metrics import read_metrics
+from aig_jax.train.loop import train_and_evaluate
+from aig_jax.train.metrics import LoopTimer, read_metrics
 from aig_jax.train.optim import gate_mask, learning_rate_schedule, make_optimizer
 from aig_jax.train.state import create_train_state
 from aig_jax.train.step import make_train_step
@@ -48,7 +48,7 @@ SMALL = {
     "batch_size": 16,
     "eval_batch_size": 32,
     "eval_every_epochs": 1000.0,
-    "eval_gate_modes": ("argmax",),
+    "evals": {"argmax": {"type": "classification", "mode": "argmax"}},
     "log_every_steps": 1,
     "num_devices": 1,
     "tensorboard": False,
@@ -69,8 +69,8 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def restore_state(workdir, config, step=None):
-    """The TrainState saved in ``workdir`` (latest step by default), on one device."""
+def abstract_state(config):
+    """(spec, ShapeDtypeStructs of the TrainState) of ``config``, on one device."""
     spec = ModelSpec.from_config(config)
     size = config.dataset.image_size
     tx = make_optimizer(config, learning_rate_schedule(config, 4))
@@ -81,12 +81,16 @@ def restore_state(workdir, config, step=None):
     like = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one_device), shapes
     )
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        variables, opt_state, meta = ckpt.restore(like.variables, like.opt_state, step)
-    finally:
-        ckpt.close()
-    return variables, opt_state, meta
+    return spec, like
+
+
+def restore_state(workdir, config, step=None):
+    """(variables, opt_state, meta) saved in ``workdir`` (latest step by default), on one
+    device."""
+    spec, like = abstract_state(config)
+    path = workdir if step is None else os.path.join(workdir, "checkpoints", str(step))
+    saved = checkpoint.restore_or_init(path, like.variables, like.opt_state, spec)
+    return saved.variables, saved.opt_state, saved.meta
 
 
 def assert_trees_close(a, b, atol):
@@ -282,7 +286,7 @@ def test_resume_gives_the_same_parameters_and_metrics(uninterrupted, tmp_path):
 def test_sigterm_saves_the_current_step_and_rerun_resumes(tmp_path):
     """train.py under SIGTERM: exit 0 with a checkpoint of exactly the steps it ran."""
     workdir = str(tmp_path / "run")
-    overrides = [f"--config.{k}={v}" for k, v in SMALL.items() if k != "eval_gate_modes"]
+    overrides = [f"--config.{k}={v}" for k, v in SMALL.items() if k != "evals"]
     command = [
         sys.executable,
         os.path.join(REPO, "train.py"),
@@ -293,7 +297,6 @@ def test_sigterm_saves_the_current_step_and_rerun_resumes(tmp_path):
         *overrides,
         "--config.num_train_steps=100000",
         "--config.checkpoint_every_steps=100000",
-        "--config.eval_gate_modes=('argmax',)",
         f"--compilation_cache={tmp_path / 'xla'}",
     ]
     env = {**os.environ, "PYTHONPATH": REPO}
@@ -413,7 +416,19 @@ def test_resuming_another_model_is_refused(tmp_path):
         ("dataset__source", "csv", r"config.dataset.source = 'csv'"),
         ("lr_boundaries_epochs", (250, 150), r"config.lr_boundaries_epochs = \(250, 150\)"),
         ("batch_size", 0, r"config.batch_size = 0: expected a positive integer"),
-        ("eval_gate_modes", ("maybe",), r"config.eval_gate_modes = \('maybe',\)"),
+        (
+            "evals",
+            {"a": {"type": "classification", "mode": "maybe"}},
+            r"config.evals.a.mode = 'maybe'",
+        ),
+        ("evals", {"a": {"type": "fgsm"}}, r"config.evals.a.type = 'fgsm': expected one of \["),
+        ("evals", {"a": {"type": "attack", "eps": 2}}, r"config.evals.a.eps is not an option of"),
+        (
+            "evals",
+            {"c": {"type": "classification", "mode": "calibrated"}},
+            r"'calibrated' needs an",
+        ),
+        ("eval_gate_modes", ("argmax",), r"config.eval_gate_modes was removed: .*config.evals"),
         ("scan_blocks", True, r"config.scan_blocks was removed: .*compilation cache"),
         ("on_nonfinite", "ignore", r"config.on_nonfinite = 'ignore': expected one of"),
         ("init", "xavier", r"config.init = 'xavier': expected one of \('reference', 'he_normal'\)"),
@@ -430,6 +445,22 @@ def test_missing_data_directory_is_named(tmp_path):
     config = small_config(dataset__source="npz", dataset__data_dir=missing)
     with pytest.raises(DataError, match=missing):
         train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_the_loop_runs_the_evaluators_listed_for_training(tmp_path):
+    evals = {
+        "argmax": {"type": "classification", "mode": "argmax"},
+        "open": {"type": "classification", "mode": "open", "during_training": False},
+        "gates": {"type": "gate_statistics", "grid_size": 2},
+    }
+    results = train_and_evaluate(small_config(num_train_steps=2, evals=evals), str(tmp_path))
+    assert list(results) == ["argmax", "gates"]
+    assert results["gates"]["gate_mode"] == "argmax"  # the first classification's mode
+    logged = read_metrics(str(tmp_path), "eval")
+    assert [(r["step"], r["evaluator"]) for r in logged] == [(2, "argmax"), (2, "gates")]
+    matrix = np.load(tmp_path / "gates" / "class_layer_argmax_step2.npy")
+    np.testing.assert_allclose(matrix, np.array(results["gates"]["class_layer_rates"], float))
+    assert (tmp_path / "gates" / "step2" / results["gates"]["plots"]["class_layer"]).exists()
 
 
 # ----------------------------------------------------------------------- datasets, end to end
@@ -478,7 +509,7 @@ def test_real_cifar10_subset_learns_and_gates_move_to_the_target(tmp_path):
             "lr_boundaries_epochs": (5,),
             "weight_decay": 5e-4,
             "eval_every_epochs": 1000.0,
-            "eval_gate_modes": ("argmax",),
+            "evals.sample.during_training": False,
             "log_every_steps": 5,
             "num_devices": 1,
             "tensorboard": False,
@@ -522,13 +553,12 @@ def test_loop_timer_leaves_out_pauses_and_measures_input_waits():
 
 def _tiny_command(workdir, *overrides):
     """train.py arguments: the small config in ``workdir``, plus ``--config.…`` overrides."""
-    small = [f"--config.{k}={v}" for k, v in SMALL.items() if k != "eval_gate_modes"]
+    small = [f"--config.{k}={v}" for k, v in SMALL.items() if k != "evals"]
     return [
         os.path.join(REPO, "train.py"),
         f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
         f"--workdir={workdir}",
         *small,
-        "--config.eval_gate_modes=('argmax',)",
         *overrides,
     ]
 
@@ -600,6 +630,8 @@ def test_skip_step_trains_through_divergence_counting_the_skipped_steps(tmp_path
     assert sum(m["skipped_steps"] for m in logged) > 0
     variables, _, meta = restore_state(str(tmp_path), config)
     assert meta["step"] == 8 and _all_finite(variables)
+    # An evaluation whose outputs overflow is left out, not logged as NaN.
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(str(tmp_path), "eval"))
 
 
 # ---------------------------------------------------------------------- one run per workdir
@@ -689,7 +721,7 @@ def test_finished_workdir_has_nothing_to_do_and_a_shorter_config_is_refused(
     assert capsys.readouterr().out == (
         f"nothing to do: step 2 of 2; eval.py --workdir {workdir} to evaluate\n"
     )
-    with pytest.raises(WorkdirError, match=r"already at step 2 ≥ num_train_steps 1"):
+    with pytest.raises(WorkdirError, match=r"already at step 2, past this run's final step 1"):
         train_and_evaluate(small_config(num_train_steps=1), workdir)
     assert [m["step"] for m in read_metrics(workdir, "train")] == [1, 2]
 
@@ -704,3 +736,7 @@ def test_train_py_names_a_missing_config_file_or_field_and_the_closest_ones(tmp_
     assert user_error_line(proc) == f"error: --config {missing}: no such config file"
     with pytest.raises(ConfigError, match=r"'dataset.sorce'.*--config.dataset.source"):
         check_override_names(small_config(), ["batch_size", "dataset.sorce"])
+    with pytest.raises(
+        ConfigError, match=r"eval_gate_modes\): list the evaluators in config.evals"
+    ):
+        check_override_names(small_config(), ["eval_gate_modes"])

@@ -42,7 +42,7 @@ import optax
 import pytest
 
 from aig_jax.model.blocks import BasicBlock, Bottleneck
-from aig_jax.model.resnet import ResNet, with_init
+from aig_jax.model.resnet import resnet
 from aig_jax.model.variables import init_variables
 from aig_jax.train.optim import learning_rate_schedule, make_optimizer
 from aig_jax.train.state import TrainState
@@ -131,14 +131,14 @@ def trace_of(opt_state):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_three_sgd_steps_equal_the_reference_training_step(name):
     case = CASES[name]
-    model = ResNet(
+    model = resnet(
         stage_sizes=case["stage_sizes"],
         block_cls=Bottleneck if case["bottleneck"] else BasicBlock,
         widths=case["widths"],
         stem=case["stem"],
         num_classes=10,
+        init=case["init"],
     )
-    model = with_init(model, case["init"])
     config = ml_collections.ConfigDict(
         dict(
             learning_rate=0.1,

@@ -90,7 +90,7 @@ class TorchBlock(tnn.Module):
         ``mode``: "argmax", "open", or "sample" with Gumbel ``noise`` [B, 2]: the reference's
         hard sample ``(one_hot - soft).detach() + soft`` of ``soft = softmax(logits + noise)``.
         """
-        ones = torch.ones(x.shape[0], dtype=x.dtype)
+        ones = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
         if not self.gated:
             return ones, ones * float("inf")
         w = F.avg_pool2d(x, x.shape[2])  # the reference's pooling: the whole (square) map

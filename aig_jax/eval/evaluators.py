@@ -1,8 +1,8 @@
 """Evaluators: each measures one aspect of a model, ``evaluator.run(variables) -> metrics``.
 
-In big_vision's spirit, an evaluator is built once with what it needs and then run on
-variables (a checkpoint's, or the training state's). They share an :class:`EvalContext`: the
-model, the evaluation split, the mesh, the batch size and the jit-compiled eval step.
+In big_vision's spirit, an evaluator is built with what it needs and then run on variables (a
+checkpoint's, or the training state's). They share an :class:`EvalContext`: the model, the
+dataset config and evaluation split, the mesh, the batch size and the jit-compiled eval step.
 
 - :class:`Classification`: errors, per-block execution rates and realised MACs in one gate
   mode (mean ± std over seeds for "sample");
@@ -11,7 +11,8 @@ model, the evaluation split, the mesh, the batch size and the jit-compiled eval 
   difficulty, the images that use the fewest and the most blocks, with plots;
 - :class:`Attack`: FGSM (or BIM) accuracy and execution rates, with and without JPEG.
 
-``eval.py`` composes them from its flags; the training loop runs :class:`Classification`.
+A config lists the evaluators to run in ``config.evals``; :mod:`aig_jax.eval.suite` builds and
+runs that list, for the training loop and for ``eval.py``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class EvalContext:
 
     model: nn.Module
     spec: ModelSpec
-    config: Any  # its ``dataset`` describes the data
+    dataset: Any  # the dataset config: sources, splits, preprocessing, class names
     mesh: jax.sharding.Mesh
     eval_step: EvalStep
     source: Source  # the evaluation split
@@ -75,32 +76,35 @@ class EvalContext:
         cls,
         model: nn.Module,
         spec: ModelSpec,
-        config: Any,
+        dataset: Any,
         mesh: jax.sharding.Mesh,
         *,
-        batch_size: int | None = None,
+        batch_size: int,
         limit: int | None = None,
         seed: int = 0,
         progress: bool = True,
         eval_step_factory: EvalStepFactory = make_eval_step,
     ) -> EvalContext:
-        """Check the batch size and the split's classes and size, and compile nothing yet.
-
-        ``batch_size`` defaults to ``config.eval_batch_size``; the split is
-        ``config.dataset.eval_split``.
-        """
-        batch = batch_size or config.eval_batch_size
-        check_batch_size(batch, mesh)
-        source = make_source(config.dataset, config.dataset.eval_split)
+        """Check the split ``dataset.eval_split`` (not empty, the model's classes) and the
+        global ``batch_size``, and compile nothing yet."""
+        source = make_source(dataset, dataset.eval_split)
         if len(source) == 0:
             raise DataError(
-                f"evaluation split {config.dataset.eval_split!r} of dataset "
-                f"{config.dataset.get('name')!r} (source {config.dataset.source!r}) is empty"
+                f"evaluation split {dataset.eval_split!r} of dataset {dataset.get('name')!r} "
+                f"(source {dataset.source!r}) is empty"
             )
-        check_classes(source, spec, f"dataset split {config.dataset.eval_split!r}")
+        check_classes(source, spec, f"dataset split {dataset.eval_split!r}")
+        cost = model_cost(model, dataset.image_size)
+        check_batch_size(batch_size, mesh)
         step = compile_together(eval_step_factory(model, mesh), "eval_step")
-        cost = model_cost(model, config.dataset.image_size)
-        return cls(model, spec, config, mesh, step, source, cost, batch, limit, seed, progress)
+        return cls(
+            model, spec, dataset, mesh, step, source, cost, batch_size, limit, seed, progress
+        )
+
+    @property
+    def num_examples(self) -> int:
+        """How many examples of the evaluation split are evaluated."""
+        return min(self.limit or len(self.source), len(self.source))
 
     def predict(
         self,
@@ -115,10 +119,10 @@ class EvalContext:
         desc: str = "",
     ) -> Predictions:
         """Predictions of one pass over ``source`` (default: the evaluation split, with
-        ``dataset`` preprocessing, default ``config.dataset``) in gate mode ``mode``."""
+        ``dataset`` preprocessing, default the context's) in gate mode ``mode``."""
         source = self.source if source is None else source
         limit = self.limit if limit is None else limit
-        dataset = self.config.dataset if dataset is None else dataset
+        dataset = self.dataset if dataset is None else dataset
         return predict(
             self.eval_step,
             variables,
@@ -179,29 +183,30 @@ class Classification:
         self.predictions: Predictions | None = None
 
     def run(self, variables: Any) -> dict[str, Any]:
-        """The summary (see :func:`aig_jax.eval.predict.summarize`)."""
+        """``gate_mode`` and the summary (see :func:`aig_jax.eval.predict.summarize`)."""
         runs = [
             self.ctx.predict(variables, self.mode, seed=s, thresholds=self.thresholds)
             for s in range(self.seeds)
         ]
         self.predictions = runs[0]
         summaries = [summarize(p, self.ctx.cost, self.ctx.spec.num_classes) for p in runs]
-        return _seed_statistics(summaries) if self.mode == "sample" else summaries[0]
+        summary = _seed_statistics(summaries) if self.mode == "sample" else summaries[0]
+        return {"gate_mode": self.mode, **summary}
 
 
 class Calibration:
     """Thresholds [L] fitted on ``limit`` training images (split ``split``, default the
-    config's train split) so that each block's deterministic rate equals its sampled rate."""
+    dataset's train split) so that each block's deterministic rate equals its sampled rate."""
 
     def __init__(self, ctx: EvalContext, *, split: str | None = None, limit: int = 10_000):
         self.ctx = ctx
-        self.split = split or ctx.config.dataset.train_split
+        self.split = split or ctx.dataset.train_split
         self.limit = limit
 
     def run(self, variables: Any) -> dict[str, Any]:
         """``thresholds`` [L] and what the fit saw: split, examples, sampled, calibrated and
         argmax rates [L] on those images."""
-        source = make_source(self.ctx.config.dataset, self.split)
+        source = make_source(self.ctx.dataset, self.split)
         preds = self.ctx.predict(
             variables,
             "sample",
@@ -221,6 +226,26 @@ class Calibration:
             "calibrated_rates": calibration.rates_under(preds.probs, thresholds).tolist(),
             "argmax_rates": calibration.rates_under(preds.probs, argmax).tolist(),
         }
+
+
+def class_layer_plot(
+    ctx: EvalContext,
+    matrix: np.ndarray,
+    path: str,
+    title: str,
+    *,
+    class_names: list[str] | None = None,
+) -> None:
+    """Draw the class × block execution rates ``matrix`` [K, L] of the context's model as a
+    heatmap (PNG at ``path``), its blocks named and the ungated ones marked."""
+    plots.class_layer_heatmap(
+        matrix,
+        path,
+        class_names=class_names,
+        block_names=[b.name for b in ctx.cost.blocks],
+        ungated=[not b.gated for b in ctx.cost.blocks],
+        title=title,
+    )
 
 
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
@@ -254,7 +279,7 @@ class GateStatistics:
         ctx, mode = self.ctx, self.mode
         preds = ctx.predict(variables, mode, thresholds=self.thresholds)
         num_classes = ctx.spec.num_classes
-        labels = ctx.config.dataset.get("class_names")
+        labels = ctx.dataset.get("class_names")
         classes = [str(n) for n in labels] if labels else [str(k) for k in range(num_classes)]
         matrix = gate_stats.class_layer_rates(preds.gates, preds.labels, num_classes)
         order = gate_stats.cluster_order(matrix)
@@ -306,13 +331,12 @@ class GateStatistics:
         """The plots of :meth:`run` (PNG files at ``path``)."""
         ctx, mode = self.ctx, self.mode
         os.makedirs(self.output_dir, exist_ok=True)
-        plots.class_layer_heatmap(
+        class_layer_plot(
+            ctx,
             matrix[order],
             path["class_layer"],
+            f"execution rate per class and block ({mode} gates; classes clustered)",
             class_names=[classes[k] for k in order],
-            block_names=[b.name for b in ctx.cost.blocks],
-            ungated=[not b.gated for b in ctx.cost.blocks],
-            title=f"execution rate per class and block ({mode} gates; classes clustered)",
         )
         plots.histograms(
             {mode: executed},
@@ -335,7 +359,7 @@ class GateStatistics:
         rows, captions = {}, {}
         for label, pick in picks.items():
             images, _ = ctx.source.read(preds.index[pick])
-            rows[label] = eval_transform(images, ctx.config.dataset, normalised=False)
+            rows[label] = eval_transform(images, ctx.dataset, normalised=False)
             captions[label] = [
                 f"{executed[i]} blk, {classes[preds.labels[i]]}→{classes[preds.top[i, 0]]}"
                 for i in pick
@@ -374,7 +398,7 @@ class Attack:
         """``epsilons`` (0 first), ``accuracy`` and ``accuracy_jpeg`` [E], ``layer_rates`` and
         ``layer_rates_jpeg`` [E][L], and the attack's settings."""
         ctx = self.ctx
-        ds = ctx.config.dataset
+        ds = ctx.dataset
         step = compile_together(
             make_attack_step(
                 ctx.model,
@@ -390,7 +414,6 @@ class Attack:
         thr = jnp.full((num_layers,), 0.5) if self.thresholds is None else self.thresholds
         plain = ml_collections.ConfigDict(ds.to_dict())
         plain.preprocess = "none"  # the attacked pixels are already cropped to image_size
-        count = min(ctx.limit or len(ctx.source), len(ctx.source))
         result: dict[str, Any] = {
             "gate_mode": self.mode,
             "steps": self.steps,
@@ -410,7 +433,7 @@ class Attack:
                 epsilon=eps,
                 key=jax.random.key(ctx.seed + 2_000),
                 thresholds=jnp.asarray(thr),
-                num_examples=count,
+                num_examples=ctx.num_examples,
                 total=num_eval_batches(len(ctx.source), ctx.batch_size, ctx.limit),
                 desc=f"attack ε={eps:g}",
                 progress=ctx.progress,

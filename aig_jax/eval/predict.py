@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from aig_jax.errors import NonFiniteError
 from aig_jax.eval import gate_stats
 from aig_jax.eval.step import EvalStep
 from aig_jax.model.flops import ModelCost
@@ -61,7 +62,8 @@ def predict(
 
     ``key`` seeds "sample" mode (batch i uses ``fold_in(key, i)``); ``thresholds`` [L] are
     required for "calibrated". Returns the predictions of the unmasked examples, with the
-    measured images/s of every batch after the first (NaN with a single batch).
+    measured images/s of every batch after the first (NaN with a single batch). Raises
+    :class:`~aig_jax.errors.NonFiniteError` when an example's outputs are not finite.
     """
     key = jax.random.key(0) if key is None else key
     thr = jnp.full((num_layers,), 0.5) if thresholds is None else jnp.asarray(thresholds)
@@ -90,6 +92,7 @@ def predict(
         for k in outputs[0]
     }
     keep = cat["mask"].astype(bool)
+    _check_finite(cat, keep, gate_mode)
     return Predictions(
         index=cat["index"][keep],
         labels=cat["label"][keep],
@@ -100,6 +103,22 @@ def predict(
         probs=cat["probs"][:, keep].T,
         images_per_sec=timed / seconds if timed else math.nan,
     )
+
+
+def _check_finite(outputs: Mapping[str, np.ndarray], keep: np.ndarray, gate_mode: str) -> None:
+    """Raise :class:`~aig_jax.errors.NonFiniteError` when the kept examples' losses,
+    confidences or gate decisions and probabilities [L, N] hold NaN or infinity: every number
+    summarised from them would be meaningless (a NaN decision counts as billions of blocks)."""
+    finite = np.isfinite(outputs["loss"]) & np.isfinite(outputs["confidence"])
+    for name in ("gates", "probs"):
+        finite &= np.isfinite(outputs[name]).all(axis=0)
+    bad = int(np.sum(keep & ~finite))
+    if bad:
+        raise NonFiniteError(
+            f"the model's outputs are not finite (NaN or infinite logits or gate probabilities) "
+            f"for {bad} of {int(keep.sum())} images in gate mode {gate_mode!r}; nothing is "
+            "reported"
+        )
 
 
 def summarize(preds: Predictions, cost: ModelCost, num_classes: int) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """The evaluation report: a JSON record, a Markdown page and the plots that compare modes.
 
 A report is a dict that ``eval.py`` fills from its evaluators (see
-:mod:`aig_jax.eval.evaluators`): :func:`header` describes the checkpoint, model, data and
-blocks; ``modes`` holds a :class:`~aig_jax.eval.evaluators.Classification` summary per gate
-mode; optional ``calibration``, ``baseline``, ``attack`` and ``analysis`` (a
+:mod:`aig_jax.eval.suite`): :func:`header` describes the checkpoint, model, data and blocks;
+``modes`` holds a :class:`~aig_jax.eval.evaluators.Classification` summary per classification
+evaluator, by name; optional ``calibration``, ``baseline``, ``attack`` and ``analysis`` (a
 :class:`~aig_jax.eval.evaluators.GateStatistics` result). :func:`write_report` writes
 ``report.json``, ``report.md`` and the plots across modes.
 """
@@ -24,7 +24,7 @@ from aig_jax.eval.evaluators import EvalContext
 def header(ctx: EvalContext, directory: str, step: int, num_examples: int) -> dict[str, Any]:
     """The report's description of the checkpoint (``directory``, ``step``), the model, the
     evaluated data (``num_examples`` images) and each block."""
-    ds = ctx.config.dataset
+    ds = ctx.dataset
     return {
         "checkpoint": {"directory": directory, "step": step},
         "model": ctx.spec.to_json(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -11,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from aig_jax import checkpoint
-from aig_jax.errors import ConfigError, NonFiniteError
+from aig_jax.errors import NonFiniteError
 from aig_jax.model.spec import ModelSpec
 from aig_jax.model.variables import abstract_variables
 from aig_jax.sharding import replicated_like
@@ -30,39 +31,27 @@ class Restored:
 
 
 def restore(path: str, mesh: jax.sharding.Mesh, config: Any | None = None) -> Restored:
-    """Restore the checkpoint at ``path`` (workdir, checkpoints dir or one step's dir),
-    replicated over ``mesh``.
+    """Restore the checkpoint at ``path`` (workdir, checkpoints dir or one step's dir; a
+    workdir's newest checkpoint), replicated over ``mesh``.
 
     Without ``config`` the training config stored in the checkpoint is used. Raises
     :class:`~aig_jax.checkpoint.CheckpointError` when there is no checkpoint, its data is
-    corrupt (no fallback to another step) or ``config`` describes another model,
-    :class:`~aig_jax.errors.ConfigError` (a ``ValueError``) when its dataset has another class
-    count, and :class:`~aig_jax.errors.NonFiniteError` when a variable holds NaN or infinity.
+    corrupt (no fallback to another step) or ``config`` describes another model (another
+    architecture, class count, gate or set of gated blocks), and
+    :class:`~aig_jax.errors.NonFiniteError` when a variable holds NaN or infinity.
     """
     meta, directory, step = checkpoint.read_meta(path)
-    if "model" not in meta:
-        raise checkpoint.CheckpointError(f"checkpoint {directory}/{step} has no model spec")
-    spec = ModelSpec.from_json(meta["model"])
+    spec = checkpoint.stored_spec(meta, f"{directory}/{step}")
+    expected = spec if config is None else ModelSpec.from_config(config)
     if config is None:
         config = ml_collections.ConfigDict(meta.get("config") or {})
-    else:
-        classes = config.dataset.num_classes
-        if classes != spec.num_classes:
-            raise ConfigError(
-                f"dataset {config.dataset.name!r} has config.dataset.num_classes = {classes} "
-                f"but the checkpoint's model {spec.name} predicts {spec.num_classes} classes"
-            )
-        problem = ModelSpec.from_config(config).mismatch(spec)
-        if problem:
-            raise checkpoint.CheckpointError(
-                f"the checkpoint in {directory} does not match the config: {problem}"
-            )
     model = spec.build()
     size = config.dataset.image_size
     like = replicated_like(abstract_variables(model, (size, size, 3)), mesh)
-    variables = checkpoint.load_variables(directory, step, like)
-    check_finite(variables, f"checkpoint {directory} step {step}")
-    return Restored(spec, model, variables, config, directory, step)
+    saved = checkpoint.restore_or_init(os.path.join(directory, str(step)), like, None, expected)
+    assert saved is not None  # the step exists: read_meta read it
+    check_finite(saved.variables, f"checkpoint {directory} step {step}")
+    return Restored(spec, model, saved.variables, config, directory, step)
 
 
 def check_finite(variables: Any, where: str) -> None:

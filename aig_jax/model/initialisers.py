@@ -4,11 +4,12 @@ The reference's CIFAR model keeps PyTorch 0.3.1's defaults everywhere but the ga
 layer: convolution and linear weights and biases U(±1/√fan_in), BatchNorm γ ~ U(0, 1), β = 0.
 Its ImageNet model re-draws every convolution He-normal over fan-out (the gates' first layer,
 a 1×1 convolution there, included) and sets the BatchNorm2d γ to 1; the classifier, the gates'
-first-layer bias and their BatchNorm1d γ keep PyTorch's defaults. ``"he_normal"`` (this
-code's initialisation before ``"reference"``) is He-normal over fan-out for the convolutions,
-γ = 1, and Flax's defaults for the dense layers (LeCun-normal kernels, zero biases). In every
-scheme the gates' last layer starts N(0, 0.001) with bias (0.1, 2) (see
-:mod:`aig_jax.model.gates`).
+first-layer bias and their BatchNorm1d γ keep PyTorch's defaults. ``"he_normal"`` (the
+defaults of :class:`~aig_jax.model.resnet.ResNet`'s attributes, and what checkpoints whose
+spec names no scheme were trained from) is He-normal over fan-out for the convolutions, γ = 1,
+and Flax's defaults for the dense layers (LeCun-normal kernels, zero biases). In every scheme
+the gates' last layer starts N(0, 0.001) with bias (0.1, 2) (see :mod:`aig_jax.model.gates`).
+:func:`aig_jax.model.resnet.resnet` builds a model with a scheme's initialisers.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Initialisers(NamedTuple):
     norm_scale: Initializer  # γ of the stem's and the blocks' BatchNorm
     head: DenseInit  # the classifier
     gate_fc1: DenseInit  # the gates' first layer [C_in, hidden]
-    gate_norm_scale: Initializer  # γ of the gates' BatchNorm
+    gate_norm_scale: Initializer | None  # γ of the gates' BatchNorm; None: the model norm's
 
 
 HE_NORMAL = Initialisers(
@@ -77,14 +78,14 @@ HE_NORMAL = Initialisers(
     norm_scale=nn.initializers.ones,
     head=DenseInit(nn.initializers.lecun_normal(), zero_bias),
     gate_fc1=DenseInit(nn.initializers.lecun_normal(), zero_bias),
-    gate_norm_scale=nn.initializers.ones,
+    gate_norm_scale=None,
 )
 REFERENCE_CIFAR = Initialisers(
     conv=torch_default,
     norm_scale=uniform_scale,
     head=DenseInit(torch_default, torch_default_bias),
     gate_fc1=DenseInit(torch_default, torch_default_bias),
-    gate_norm_scale=uniform_scale,
+    gate_norm_scale=None,
 )
 REFERENCE_IMAGENET = Initialisers(
     conv=he_normal,

@@ -1,14 +1,16 @@
 """Gated ResNets (CIFAR and ImageNet families) and the model registry.
 
-``build_model("resnet110_cifar", gated=...)`` returns a :class:`ResNet`; calling it returns a
-:class:`ModelOutput` with the logits and the gate decisions of every residual block ([L, B]).
-Static per-block metadata comes from :meth:`ResNet.block_infos` without initialising anything.
+``build_model("resnet110_cifar", gated=...)`` returns a :class:`ResNet`, its layers initialised
+by the scheme ``init`` (the reference's by default); calling it returns a :class:`ModelOutput`
+with the logits and the gate decisions of every residual block ([L, B]). Static per-block
+metadata comes from :meth:`ResNet.block_infos` without initialising anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -82,6 +84,9 @@ class ResNet(nn.Module):
         :data:`~aig_jax.model.blocks.BatchNorm` with another ``scale_init``, or a GroupNorm
         wrapper that ignores ``use_running_average``.
       head_init: initialisers of the classifier (see :mod:`aig_jax.model.initialisers`).
+
+    The defaults of ``conv``, ``norm``, ``head_init`` and the gate's are the "he_normal"
+    scheme's; :func:`resnet` builds a ResNet with the scheme it is given.
     """
 
     stage_sizes: Sequence[int]
@@ -216,10 +221,47 @@ class ResNet(nn.Module):
         return ModelOutput(logits.astype(jnp.float32), jnp.stack(decisions), jnp.stack(probs))
 
 
+def _takes(module: ModuleDef, name: str) -> bool:
+    """Whether the module class (or partial of one) ``module`` has the attribute ``name``."""
+    return name in inspect.signature(module).parameters
+
+
+def resnet(
+    *,
+    stem: str,
+    init: str = "reference",
+    gate_cls: ModuleDef = GumbelGate,
+    **attributes: Any,
+) -> ResNet:
+    """A :class:`ResNet` (``stem`` and ``attributes`` are its attributes) whose layers start
+    from the initialisation scheme ``init`` (one of :data:`~aig_jax.model.initialisers.INITS`;
+    "reference" is the reference code's for the ``stem``'s family).
+
+    The scheme gives the ``conv`` and ``norm`` partials, the classifier's initialisers and,
+    for a gate that has ``fc1_init`` and ``norm_scale_init`` attributes (:class:`GumbelGate`),
+    the gate's; another gate keeps its own.
+    """
+    scheme = initialisers(init, stem)
+    if _takes(gate_cls, "fc1_init") and _takes(gate_cls, "norm_scale_init"):
+        gate_cls = functools.partial(
+            gate_cls, fc1_init=scheme.gate_fc1, norm_scale_init=scheme.gate_norm_scale
+        )
+    return ResNet(
+        stem=stem,
+        conv=functools.partial(Conv, kernel_init=scheme.conv),
+        norm=functools.partial(BatchNorm, scale_init=scheme.norm_scale),
+        head_init=scheme.head,
+        gate_cls=gate_cls,
+        **attributes,
+    )
+
+
 ModelFactory = Callable[..., nn.Module]
 
-#: Backbones by name. A factory takes ``num_classes``, ``gated``, ``gate_cls`` and ``dtype``
-#: keywords and returns a module with ``block_infos()`` whose call returns a ModelOutput.
+#: Backbones by name. A factory takes ``num_classes``, ``gated``, ``gate_cls``, ``dtype`` and
+#: ``init`` keywords and returns a module with ``block_infos()`` whose call returns a
+#: ModelOutput; ``functools.partial(resnet, stage_sizes=..., block_cls=..., widths=...,
+#: stem=...)`` is one.
 MODELS: Registry[ModelFactory] = Registry("model")
 
 #: Default number of classes of each registered name (the dataset it is usually trained on).
@@ -232,7 +274,7 @@ def cifar_resnet(depth: int, **kwargs: Any) -> ResNet:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
     n = (depth - 2) // 6
     kwargs.setdefault("num_classes", 10)
-    return ResNet(
+    return resnet(
         stage_sizes=(n, n, n), block_cls=BasicBlock, widths=CIFAR_WIDTHS, stem="cifar", **kwargs
     )
 
@@ -255,35 +297,13 @@ for _depth, _block, _sizes in (
     _register(
         f"resnet{_depth}",
         functools.partial(
-            ResNet,
+            resnet,
             stage_sizes=_sizes,
             block_cls=_block,
             widths=IMAGENET_WIDTHS,
             stem="imagenet",
         ),
         1000,
-    )
-
-
-def with_init(model: ResNet, init: str) -> ResNet:
-    """``model`` initialised by the scheme ``init`` (one of
-    :data:`~aig_jax.model.initialisers.INITS`; "reference" by the model's stem).
-
-    Binds the scheme's initialisers into the ``conv`` and ``norm`` partials, the classifier
-    and, for :class:`GumbelGate` and its subclasses, the gates; a fork's gate keeps its own.
-    """
-    scheme = initialisers(init, model.stem)
-    gate_cls = model.gate_cls
-    base = gate_cls.func if isinstance(gate_cls, functools.partial) else gate_cls
-    if isinstance(base, type) and issubclass(base, GumbelGate):
-        gate_cls = functools.partial(
-            gate_cls, fc1_init=scheme.gate_fc1, norm_scale_init=scheme.gate_norm_scale
-        )
-    return model.clone(
-        conv=functools.partial(Conv, kernel_init=scheme.conv),
-        norm=functools.partial(BatchNorm, scale_init=scheme.norm_scale),
-        head_init=scheme.head,
-        gate_cls=gate_cls,
     )
 
 
@@ -295,7 +315,7 @@ def build_model(
     gate: str = "gumbel",
     gate_options: Mapping[str, Any] | None = None,
     dtype: str = "float32",
-    init: str = "he_normal",
+    init: str = "reference",
 ) -> nn.Module:
     """Build the registered model ``name``.
 
@@ -306,8 +326,8 @@ def build_model(
       gate: a name from :data:`aig_jax.model.gates.GATES`.
       gate_options: keyword arguments of the gate class, e.g. ``{"tau": 1.0}``.
       dtype: "float32" or "bfloat16" compute (parameters stay float32).
-      init: the initialisation scheme: "he_normal" (what the factory builds) or "reference"
-        (see :func:`with_init`; for :class:`ResNet` models).
+      init: the initialisation scheme, "reference" (the reference code's) or "he_normal" (see
+        :mod:`aig_jax.model.initialisers` and :func:`resnet`).
 
     Other normalisations or convolutions: ``build_model(...).clone(norm=...)`` (see
     :class:`ResNet`).
@@ -323,13 +343,9 @@ def build_model(
     gate_cls = GATES.get(gate)
     if gate_options:
         gate_cls = functools.partial(gate_cls, **gate_options)
-    model = factory(num_classes=num_classes, gated=flags, gate_cls=gate_cls, dtype=DTYPES[dtype])
-    if init != "he_normal":  # "he_normal" is what the factories build
-        if not isinstance(model, ResNet):
-            raise ValueError(
-                f"init {init!r} needs a ResNet; {name!r} builds {type(model).__name__}"
-            )
-        model = with_init(model, init)
+    model = factory(
+        num_classes=num_classes, gated=flags, gate_cls=gate_cls, dtype=DTYPES[dtype], init=init
+    )
     model.block_infos()  # validates the gated flags against the depth now, not at first call
     return model
 

@@ -84,7 +84,7 @@ def default_rate_one_blocks(rates: Sequence[float]) -> str:
     return "keep" if any(float(r) < 1.0 for r in rates) else "drop"
 
 
-def gated_flags(rates: Sequence[float], rate_one_blocks: str = "drop") -> tuple[bool, ...]:
+def gated_flags(rates: Sequence[float], rate_one_blocks: str) -> tuple[bool, ...]:
     """Which blocks carry a gate: every block with ``rate_one_blocks="keep"``, those whose
     target rate is below 1 with "drop" (see :data:`GATE_RATE_ONE_BLOCKS`)."""
     if rate_one_blocks not in GATE_RATE_ONE_BLOCKS:

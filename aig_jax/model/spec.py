@@ -17,6 +17,9 @@ import numpy as np
 from aig_jax.model.resnet import build_model, num_blocks
 from aig_jax.model.schedules import gated_flags, target_rates
 
+#: (gate_rate_one_blocks, init) of a stored spec that names neither.
+SPEC_WITHOUT_FIELDS = ("drop", "he_normal")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -24,8 +27,8 @@ class ModelSpec:
 
     ``gate_rate_one_blocks`` says whether blocks of rate 1 keep their gate ("keep", the
     reference) or have none ("drop"); ``init`` is the initialisation scheme ("reference" or
-    "he_normal"), which only matters when the model is created. The defaults are those of
-    checkpoints written before either field existed.
+    "he_normal"), which only matters when the model is created. The defaults are the configs'
+    (``configs/default.py``) and :func:`build_model`'s.
     """
 
     name: str
@@ -34,8 +37,8 @@ class ModelSpec:
     gate: str = "gumbel"
     gate_options: tuple[tuple[str, Any], ...] = ()
     dtype: str = "float32"
-    gate_rate_one_blocks: str = "drop"
-    init: str = "he_normal"
+    gate_rate_one_blocks: str = "keep"
+    init: str = "reference"
 
     @classmethod
     def from_config(cls, config: Any) -> ModelSpec:
@@ -62,7 +65,11 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ModelSpec:
-        """Inverse of :meth:`to_json`."""
+        """Inverse of :meth:`to_json`.
+
+        A spec without ``gate_rate_one_blocks`` or ``init`` describes a model whose rate-1
+        blocks have no gate, initialised He-normal: those are what its checkpoint holds.
+        """
         return cls(
             name=data["name"],
             num_classes=int(data["num_classes"]),
@@ -70,8 +77,8 @@ class ModelSpec:
             gate=data.get("gate", "gumbel"),
             gate_options=tuple(sorted(dict(data.get("gate_options", {})).items())),
             dtype=data.get("dtype", "float32"),
-            gate_rate_one_blocks=data.get("gate_rate_one_blocks", "drop"),
-            init=data.get("init", "he_normal"),
+            gate_rate_one_blocks=data.get("gate_rate_one_blocks", SPEC_WITHOUT_FIELDS[0]),
+            init=data.get("init", SPEC_WITHOUT_FIELDS[1]),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 from aig_jax.data import SOURCES
 from aig_jax.data.preprocess import PREPROCESSORS
 from aig_jax.errors import ConfigError
+from aig_jax.eval.suite import check_evals
 from aig_jax.model.gates import GATES
 from aig_jax.model.initialisers import INITS
 from aig_jax.model.resnet import DTYPES, MODELS
@@ -19,13 +20,12 @@ from aig_jax.train.losses import NORMALIZE
 from aig_jax.train.optim import GATE_LR_PARAMS
 from aig_jax.train.step import ON_NONFINITE
 
-#: Gate modes the training loop can evaluate in ("calibrated" needs a fit: use eval.py).
-TRAIN_EVAL_MODES = ("argmax", "sample", "open")
-
-#: Options that no longer exist (accepted when off), with what replaces them.
+#: Fields a config may not set, with what to use instead (one that is off is accepted).
 REMOVED = {
-    "scan_blocks": "blocks are no longer scanned; the persistent compilation cache "
+    "scan_blocks": "blocks are not scanned; the persistent compilation cache "
     "(train.py --compilation_cache, on by default) answers repeated compiles",
+    "eval_gate_modes": "list the evaluators in config.evals, e.g. "
+    "{'argmax': {'type': 'classification', 'mode': 'argmax'}} (configs/default.py)",
 }
 
 
@@ -103,12 +103,6 @@ def validate_config(config: Any) -> None:
     _check(config, "gate_lr_factor", lambda v: v >= 0, "a non-negative factor")
     _check(config, "gate_lr_params", lambda v: v in GATE_LR_PARAMS, f"one of {GATE_LR_PARAMS}")
     _check(config, "on_nonfinite", lambda v: v in ON_NONFINITE, f"one of {ON_NONFINITE}")
-    _check(
-        config,
-        "eval_gate_modes",
-        lambda v: len(v) > 0 and all(m in TRAIN_EVAL_MODES for m in v),
-        f"a non-empty list of {TRAIN_EVAL_MODES}",
-    )
     for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "data_threads"):
         _check(config, name, _positive_int, "a positive integer")
     _check(config, "eval_every_epochs", lambda v: v > 0, "a positive number of epochs")
@@ -118,3 +112,5 @@ def validate_config(config: Any) -> None:
     _check(config, "init_from", _optional(lambda v: isinstance(v, str)), "None or a path")
     for name in ("tensorboard", "progress"):
         _check(config, name, lambda v: isinstance(v, bool), "True or False")
+    evals = _field(config, "evals")
+    check_evals(evals)

@@ -4,8 +4,9 @@ One jit-compiled step over a ``('data',)`` mesh; one run per workdir (a lock fil
 from the newest checkpoint in the workdir; a checkpoint every ``checkpoint_every_steps``, at the
 end, and on SIGTERM/SIGINT; metrics fetched from the device once per logging interval and before
 each evaluation and save, where the steps' ``finite`` flags are checked (so a diverged state is
-never saved, see ``config.on_nonfinite``); periodic evaluation with per-block and per-class gate
-execution rates.
+never saved, see ``config.on_nonfinite``); every ``eval_every_epochs`` the evaluators that
+``config.evals`` lists for training (:mod:`aig_jax.eval.suite`), with per-block and per-class
+gate execution rates.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
-import time
-from collections.abc import Callable, Iterator
-from types import FrameType
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,9 +25,9 @@ from tqdm.auto import tqdm
 
 from aig_jax import checkpoint
 from aig_jax.data import make_source, steps_per_epoch, train_iterator
-from aig_jax.errors import NonFiniteError, WorkdirError
-from aig_jax.eval import gate_stats, plots
-from aig_jax.eval.evaluators import Classification, EvalContext
+from aig_jax.errors import NonFiniteError
+from aig_jax.eval.evaluators import EvalContext
+from aig_jax.eval.suite import Evaluators
 from aig_jax.model.spec import ModelSpec
 from aig_jax.sharding import (
     check_batch_size,
@@ -41,195 +39,25 @@ from aig_jax.sharding import (
 )
 from aig_jax.train import workdir as workdir_lock
 from aig_jax.train.config_checks import validate_config
-from aig_jax.train.metrics import MetricsWriter
+from aig_jax.train.metrics import LoopTimer, MetricsWriter, mean_metrics
 from aig_jax.train.optim import learning_rate_schedule, make_optimizer
+from aig_jax.train.signals import StopOnSignal
 from aig_jax.train.state import TrainState, create_train_state
 from aig_jax.train.step import make_train_step
 
 
-class _StopOnSignal:
-    """Turns the first SIGTERM/SIGINT into a flag, so the loop can checkpoint and exit."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        del frame
-        logging.warning("signal %d: saving a checkpoint before exiting", signum)
-        self.requested = True
-        signal.signal(signum, self._previous[signum])  # a second signal acts as usual
-
-    def __enter__(self) -> _StopOnSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals cannot be caught here
-                pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _meta(spec: ModelSpec, config: Any, step: int, steps_per_epoch_: int) -> dict[str, Any]:
-    return {
-        "model": spec.to_json(),
-        "config": config.to_dict(),
-        "step": step,
-        "epoch": step / steps_per_epoch_,
-    }
-
-
-class LoopTimer:
-    """Training throughput between log lines, leaving out evaluation and checkpointing.
-
-    ``input_wait_fraction`` is the share of the training time the loop spent waiting for the
-    host input pipeline: near 0 when the device (or dispatch) is the bottleneck, near 1 when
-    the pipeline starves the device.
-    """
-
-    def __init__(self, step: int) -> None:
-        self._tick = time.perf_counter()
-        self._step = step
-        self._paused = 0.0
-        self._waited = 0.0
-
-    def wait_for(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
-        """The next batch (None at the end), timing the wait."""
-        start = time.perf_counter()
-        batch = next(batches, None)
-        self._waited += time.perf_counter() - start
-        return batch
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Time spent inside is not training time."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._paused += time.perf_counter() - start
-
-    def lap(self, step: int, batch_size: int) -> dict[str, float]:
-        """``images_per_sec`` and ``input_wait_fraction`` since the last lap (the metrics
-        fetched just before were waited for, so the device has finished those steps)."""
-        now = time.perf_counter()
-        seconds = max(now - self._tick - self._paused, 1e-9)
-        out = {
-            "images_per_sec": (step - self._step) * batch_size / seconds,
-            "input_wait_fraction": self._waited / seconds,
-        }
-        self._tick, self._step, self._paused, self._waited = now, step, 0.0, 0.0
-        return out
-
-
-def _restore_checked(
-    ckpt: checkpoint.Checkpointer, state: TrainState, spec: ModelSpec, step: int
+def _initial_state(
+    init: Callable[[], TrainState], saved: checkpoint.Saved | None, mesh: jax.sharding.Mesh
 ) -> TrainState:
-    """The state saved at ``step``, verified; :class:`~aig_jax.checkpoint.CheckpointError`
-    if it is for another model."""
-    meta, _, _ = checkpoint.read_meta(os.path.join(ckpt.directory, str(step)))
-    problem = spec.mismatch(ModelSpec.from_json(meta["model"]))
-    if problem:
-        raise checkpoint.CheckpointError(
-            f"the checkpoint in {ckpt.directory} is for another model: {problem}"
-        )
-    variables, opt_state, meta = ckpt.restore(state.variables, state.opt_state, step)
-    restored_step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state.step.sharding)
-    return TrainState(restored_step, variables["params"], variables["batch_stats"], opt_state)
-
-
-def _resume(ckpt: checkpoint.Checkpointer, state: TrainState, spec: ModelSpec) -> TrainState:
-    """Restore the newest checkpoint that verifies, moving newer corrupt ones aside.
-
-    Corrupt checkpoints (unreadable, or an array that does not match its checksum) newer than
-    the one restored move to ``<workdir>/checkpoints_corrupt/``: kept for inspection, out of
-    the rotated directory, and their steps free to be saved again. When none restores nothing
-    moves, and a :class:`~aig_jax.checkpoint.CheckpointError` names the newest one's problem.
-    """
-    corrupt: list[tuple[int, checkpoint.CorruptCheckpointError]] = []
-    for step in reversed(ckpt.all_steps()):
-        try:
-            restored = _restore_checked(ckpt, state, spec, step)
-        except checkpoint.CorruptCheckpointError as err:
-            logging.warning("%s", err)
-            corrupt.append((step, err))
-            continue
-        for bad, _ in corrupt:
-            logging.warning(
-                "checkpoint step %d is corrupt: moved to %s; resuming from step %d",
-                bad, ckpt.set_aside(bad), step,
-            )  # fmt: skip
-        logging.info("resuming from step %d in %s", step, ckpt.directory)
-        return restored
-    raise checkpoint.CheckpointError(
-        f"no checkpoint in {ckpt.directory} can be restored; the newest: {corrupt[0][1]}"
-    )
-
-
-def _restore_or_init(
-    ckpt: checkpoint.Checkpointer, state: TrainState, spec: ModelSpec, config: Any
-) -> TrainState:
-    """Resume from the newest good checkpoint, else start from ``config.init_from``, else
-    ``state``."""
-    if ckpt.all_steps():
-        return _resume(ckpt, state, spec)
-    if config.init_from:
-        meta, directory, step = checkpoint.read_meta(config.init_from)
-        problem = spec.mismatch(ModelSpec.from_json(meta["model"]))
-        if problem:
-            raise checkpoint.CheckpointError(f"init_from {config.init_from}: {problem}")
-        variables = checkpoint.load_variables(directory, step, state.variables)
-        logging.info("initialised from %s (step %d)", directory, step)
-        return TrainState(
-            state.step, variables["params"], variables["batch_stats"], state.opt_state
-        )
-    return state
-
-
-def _evaluate(
-    ctx: EvalContext, state: TrainState, step: int, writer: MetricsWriter, workdir: str
-) -> dict[str, Any]:
-    """Evaluate the current state in every ``config.eval_gate_modes``; log, and save each
-    mode's class × block execution-rate matrix (``.npy`` and a heatmap)."""
-    results = {}
-    modes = ctx.config.eval_gate_modes if any(ctx.spec.gated) else ("argmax",)
-    for mode in modes:
-        evaluator = Classification(ctx, mode)
-        summary = evaluator.run(state.variables)
-        preds = evaluator.predictions
-        assert preds is not None  # set by run
-        matrix = gate_stats.class_layer_rates(preds.gates, preds.labels, ctx.spec.num_classes)
-        if writer.enabled:
-            out = os.path.join(workdir, "gates")
-            os.makedirs(out, exist_ok=True)
-            base = os.path.join(out, f"class_layer_{mode}_step{step}")
-            np.save(base + ".npy", matrix)
-            plots.class_layer_heatmap(
-                matrix,
-                base + ".png",
-                block_names=[b.name for b in ctx.cost.blocks],
-                ungated=[not g for g in ctx.spec.gated],
-                title=f"execution rate per class and block ({mode} gates, step {step})",
-            )
-        writer.write(step, "eval", {"gate_mode": mode, **summary})
-        results[mode] = summary
-    return results
-
-
-def _batches(config: Any, source: Any, start: int, total: int) -> Iterator[dict[str, Any]]:
-    return train_iterator(
-        source,
-        config.dataset,
-        global_batch=config.batch_size,
-        seed=config.seed,
-        start_step=start,
-        num_steps=total - start,
-        num_threads=config.data_threads,
-        normalised=False,  # uint8 to the device, normalised there by the train step
-    )
+    """The state to train from: ``saved`` (a resumed run's, or ``init_from``'s variables with
+    a fresh optimiser state), else ``init()``, replicated over ``mesh``."""
+    if saved is not None and saved.opt_state is not None:
+        step = jax.device_put(jnp.asarray(saved.step, jnp.int32), replicated(mesh))
+        return TrainState(step, **saved.variables, opt_state=saved.opt_state)
+    state = jax.jit(init, out_shardings=replicated(mesh))()
+    if saved is None:
+        return state
+    return state.replace(**saved.variables)
 
 
 def _check_finite(
@@ -258,115 +86,101 @@ def _check_finite(
         )
 
 
-def _mean_metrics(fetched: list[dict[str, np.ndarray]], count_skipped: bool) -> dict[str, Any]:
-    """Means over the steps whose update was applied; with ``count_skipped`` also
-    ``skipped_steps``, the number of the others."""
-    applied = [m for m in fetched if m["finite"]] or fetched
-    means: dict[str, Any] = {
-        k: np.mean([m[k] for m in applied], axis=0, dtype=np.float64)
-        for k in fetched[0]
-        if k != "finite"
-    }
-    if count_skipped:
-        means["skipped_steps"] = len(fetched) - sum(bool(m["finite"]) for m in fetched)
-    return means
-
-
-def _check_progress(
-    config: Any,
-    ckpt: checkpoint.Checkpointer,
-    total: int,
-    spe: int,
-    init: Callable[[], TrainState],
-    spec: ModelSpec,
-    mesh: jax.sharding.Mesh,
-) -> bool:
-    """Whether steps are left to train: False (after printing so) when the workdir's newest
-    checkpoint is at step ``total`` and verifies (restored into the abstract state of ``init``
-    on ``mesh``: nothing compiles); a :class:`WorkdirError` when it is past it. A corrupt
-    final checkpoint leaves steps to train: the resume falls back past it."""
-    latest = ckpt.latest_step()
-    if latest is None or latest < total:
-        return True
-    workdir = os.path.dirname(ckpt.directory)
-    if latest > total:
-        length = (
-            f"num_train_steps {total}"
-            if config.num_train_steps > 0
-            else f"num_epochs {config.num_epochs:g} × {spe} steps = {total}"
-        )
-        raise WorkdirError(
-            f"{workdir} is already at step {latest} ≥ {length}; train longer or use "
-            "another --workdir"
-        )
+def _evaluate(
+    evaluators: Evaluators,
+    variables: Any,
+    step: int,
+    workdir: str,
+    writer: MetricsWriter,
+    skip: bool,
+) -> dict[str, Any]:
+    """Run the training evaluators on ``variables``; log each result, and each classification's
+    class × block execution rates in ``<workdir>/gates``. Outputs that are not finite stop the
+    run, or with ``skip`` (``on_nonfinite="skip_step"``) leave this evaluation out."""
+    gates = os.path.join(workdir, "gates")
     try:
-        _restore_checked(ckpt, replicated_like(jax.eval_shape(init), mesh), spec, latest)
-    except checkpoint.CorruptCheckpointError as err:
-        logging.warning("the final checkpoint does not verify: %s", err)
-        return True
-    if jax.process_index() == 0:
-        print(f"nothing to do: step {latest} of {total}; eval.py --workdir {workdir} to evaluate")
-    return False
+        results = evaluators.run(variables, os.path.join(gates, f"step{step}"))
+    except NonFiniteError as err:  # a finite state whose outputs are not
+        if not skip:
+            raise NonFiniteError(f"evaluation at step {step}: {err}") from None
+        logging.warning("evaluation at step %d left out: %s", step, err)
+        return {}
+    for name, result in results.items():
+        writer.write(step, "eval", {"evaluator": name, **result})
+    if writer.enabled:
+        evaluators.save_class_layer_rates(gates, step)
+    return results
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Train the model of ``config`` in ``workdir``, resuming if it holds a checkpoint.
 
     Everything that can be checked without compiling (the config, the data, the workdir and
-    its lock, the step to resume from) is checked first. Returns the last evaluation's summary
-    per gate mode (``{mode: {...}}``), empty when the workdir had finished already. Raises
-    :class:`NonFiniteError` at the first non-finite step under ``config.on_nonfinite="stop"``,
-    having saved nothing after it.
+    its lock, the checkpoint to resume from) is checked first. Returns the last evaluation's
+    result per evaluator run during training (``{name: {...}}``), empty when the workdir had
+    finished already. Raises :class:`NonFiniteError` at the first non-finite step under
+    ``config.on_nonfinite="stop"``, having saved nothing after it.
     """
     validate_config(config)
     workdir = os.path.abspath(workdir)
-    mesh = make_mesh(config.num_devices or None)
-    check_batch_size(config.batch_size, mesh)
-    spec = ModelSpec.from_config(config)
-    model = spec.build()
     train_source = make_source(config.dataset, config.dataset.train_split)
     spe = steps_per_epoch(len(train_source), config.batch_size)
     total = config.num_train_steps if config.num_train_steps > 0 else round(config.num_epochs * spe)
     eval_every = max(1, round(config.eval_every_epochs * spe))
     size = config.dataset.image_size
+    skip = config.on_nonfinite == "skip_step"
+    spec = ModelSpec.from_config(config)
+    model = spec.build()
+    meta = {"model": spec.to_json(), "config": config.to_dict()}  # of every checkpoint
     schedule = learning_rate_schedule(config, spe)
     tx = make_optimizer(config, schedule)
-    skip = config.on_nonfinite == "skip_step"
-    ctx = EvalContext.create(
-        model, spec, config, mesh, limit=config.eval_limit, seed=config.seed + 7,
-        progress=config.progress,
+    step_fn = make_train_step(
+        model,
+        tx,
+        spec.targets,
+        target_weight=config.target_weight,
+        normalize=config.target_loss_normalize,
+        learning_rate=schedule,
+        pixel_stats=(config.dataset.mean, config.dataset.std),
+        on_nonfinite=config.on_nonfinite,
+    )
+    init = functools.partial(create_train_state, model, tx, (size, size, 3), config.seed)
+    mesh = make_mesh(config.num_devices or None)
+    check_batch_size(config.batch_size, mesh)
+    evaluators = Evaluators(
+        EvalContext.create(
+            model, spec, config.dataset, mesh, batch_size=config.eval_batch_size,
+            limit=config.eval_limit, seed=config.seed + 7, progress=config.progress,
+        ),
+        config.evals,
+        during_training=True,
     )  # fmt: skip
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as cleanup:
-        stop = cleanup.enter_context(_StopOnSignal())
+        stop = cleanup.enter_context(StopOnSignal())
         cleanup.enter_context(workdir_lock.hold(workdir))
+        like = replicated_like(jax.eval_shape(init), mesh)  # restored arrays take its shardings
+        saved = checkpoint.restore_or_init(
+            os.path.join(workdir, "checkpoints"), like.variables, like.opt_state, spec,
+            init_from=config.init_from, final_step=total, fallback=True,
+        )  # fmt: skip
+        if saved is not None and saved.step == total:
+            if jax.process_index() == 0:
+                print(f"nothing to do: step {total} of {total}; eval.py --workdir {workdir} to "
+                      "evaluate")  # fmt: skip
+            return results
         ckpt = checkpoint.Checkpointer(
             os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
         )
         cleanup.callback(ckpt.close)  # waits for the saves in flight, also after an error
-        init = functools.partial(create_train_state, model, tx, (size, size, 3), config.seed)
-        if not _check_progress(config, ckpt, total, spe, init, spec, mesh):
-            return results
         writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
         cleanup.callback(writer.close)
         cleanup.enter_context(jax.set_mesh(mesh))
-        state = jax.jit(init, out_shardings=replicated(mesh))()
-        state = _restore_or_init(ckpt, state, spec, config)
+        state = _initial_state(init, saved, mesh)
         start = int(state.step)
         writer.drop_after(start)  # the records of steps this run replays
-        train_step = compile_together(
-            make_train_step(
-                model,
-                tx,
-                spec.targets,
-                target_weight=config.target_weight,
-                normalize=config.target_loss_normalize,
-                learning_rate=schedule,
-                pixel_stats=(config.dataset.mean, config.dataset.std),
-                on_nonfinite=config.on_nonfinite,
-            ),
-            "train_step",
-        )
+        timer = LoopTimer(start)
+        train_step = compile_together(step_fn, "train_step")
         key = jax.device_put(jax.random.key(config.seed), replicated(mesh))
         logging.info(
             "%s: %d blocks (%d gated), %d steps (%d per epoch), batch %d on %d devices",
@@ -375,12 +189,18 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         )  # fmt: skip
         pending: list[dict[str, jax.Array]] = []
         step = start
-        timer = LoopTimer(start)
         show = jax.process_index() == 0 and config.progress
         bar = cleanup.enter_context(
             tqdm(total=total, initial=start, desc="train", unit="step", disable=not show)
         )
-        batches = prefetch_to_mesh(_batches(config, train_source, start, total), mesh)
+        batches = prefetch_to_mesh(
+            train_iterator(
+                train_source, config.dataset, global_batch=config.batch_size, seed=config.seed,
+                start_step=start, num_steps=total - start, num_threads=config.data_threads,
+                normalised=False,  # uint8 to the device, normalised there by the train step
+            ),
+            mesh,
+        )  # fmt: skip
         cleanup.callback(batches.close)  # stops the prefetching thread when the loop ends early
         while (batch := timer.wait_for(batches)) is not None:
             state, metrics = train_step(state, batch, key)
@@ -397,7 +217,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 if not skip:  # nothing after a non-finite step is evaluated or saved
                     _check_finite(fetched, step, config, ckpt)
             if log:
-                summary = {**_mean_metrics(fetched, skip), **timer.lap(step, config.batch_size)}
+                summary = {**mean_metrics(fetched, skip), **timer.lap(step, config.batch_size)}
                 pending = []
                 summary["epoch"] = step / spe
                 writer.write(step, "train", summary)
@@ -409,11 +229,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 )
             with timer.paused():
                 if evaluate:
-                    results = _evaluate(ctx, state, step, writer, workdir)
+                    results = _evaluate(evaluators, state.variables, step, workdir, writer, skip)
                 if save:
-                    ckpt.save(
-                        step, state.variables, state.opt_state, _meta(spec, config, step, spe)
-                    )
+                    ckpt.save(step, state.variables, state.opt_state, {**meta, "epoch": step / spe})
             if stopping:
                 break
     if stop.requested:

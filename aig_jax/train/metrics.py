@@ -4,13 +4,17 @@ Only process 0 writes. Each JSON line is ``{"step": int, "kind": "train" | "eval
 lists (per-block execution rates) are written whole to JSON and element-wise to TensorBoard.
 A resumed run first drops the records of the steps it replays (:meth:`MetricsWriter.drop_after`),
 and :func:`read_metrics` keeps the last record of each step, so every step appears once.
+:func:`mean_metrics` averages the train steps' metrics between two log lines, and
+:class:`LoopTimer` measures their throughput and input waits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -87,6 +91,63 @@ class MetricsWriter:
             self._tb.close()
 
 
+def mean_metrics(fetched: list[dict[str, np.ndarray]], count_skipped: bool) -> dict[str, Any]:
+    """Means over the steps whose update was applied; with ``count_skipped`` also
+    ``skipped_steps``, the number of the others."""
+    applied = [m for m in fetched if m["finite"]] or fetched
+    means: dict[str, Any] = {
+        k: np.mean([m[k] for m in applied], axis=0, dtype=np.float64)
+        for k in fetched[0]
+        if k != "finite"
+    }
+    if count_skipped:
+        means["skipped_steps"] = len(fetched) - sum(bool(m["finite"]) for m in fetched)
+    return means
+
+
+class LoopTimer:
+    """Training throughput between log lines, leaving out evaluation and checkpointing.
+
+    ``input_wait_fraction`` is the share of the training time the loop spent waiting for the
+    host input pipeline: near 0 when the device (or dispatch) is the bottleneck, near 1 when
+    the pipeline starves the device.
+    """
+
+    def __init__(self, step: int) -> None:
+        self._tick = time.perf_counter()
+        self._step = step
+        self._paused = 0.0
+        self._waited = 0.0
+
+    def wait_for(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+        """The next batch (None at the end), timing the wait."""
+        start = time.perf_counter()
+        batch = next(batches, None)
+        self._waited += time.perf_counter() - start
+        return batch
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside is not training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - start
+
+    def lap(self, step: int, batch_size: int) -> dict[str, float]:
+        """``images_per_sec`` and ``input_wait_fraction`` since the last lap (the metrics
+        fetched just before were waited for, so the device has finished those steps)."""
+        now = time.perf_counter()
+        seconds = max(now - self._tick - self._paused, 1e-9)
+        out = {
+            "images_per_sec": (step - self._step) * batch_size / seconds,
+            "input_wait_fraction": self._waited / seconds,
+        }
+        self._tick, self._step, self._paused, self._waited = now, step, 0.0, 0.0
+        return out
+
+
 def _parse(line: str) -> dict[str, Any] | None:
     """The record of one JSON line; None for a blank or unreadable one (cut short by a kill)."""
     try:
@@ -99,7 +160,7 @@ def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of ``<workdir>/metrics.jsonl`` (optionally only one ``kind``), in order.
 
     A step logged again by a resumed run counts once: the last record of each (step, kind,
-    gate mode) wins. A last line cut short by a kill is left out; any other line that is not
+    evaluator) wins. A last line cut short by a kill is left out; any other line that is not
     JSON is a ``ValueError`` naming it.
     """
     path = os.path.join(workdir, "metrics.jsonl")
@@ -113,7 +174,7 @@ def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
                 if line.strip() and line.endswith("\n"):
                     raise ValueError(f"{path} line {number} is not a JSON record: {line[:80]!r}")
                 continue
-            key = (record["step"], record["kind"], record.get("gate_mode"))
+            key = (record["step"], record["kind"], record.get("evaluator", record.get("gate_mode")))
             latest.pop(key, None)  # re-inserted: ordered by the last record
             latest[key] = record
     return [r for r in latest.values() if kind is None or r["kind"] == kind]

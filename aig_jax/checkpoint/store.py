@@ -1,4 +1,4 @@
-"""Orbax checkpoints: model variables, optimizer state and JSON metadata, per step.
+"""Orbax checkpoints on disk: model variables, optimizer state and JSON metadata, per step.
 
 Layout of ``<workdir>/checkpoints/<step>/``: ``model`` (``params`` and ``batch_stats``),
 ``opt`` (``opt_state``; absent in converted checkpoints) and ``meta`` (JSON: the
@@ -9,8 +9,8 @@ that carry the *current* shardings, so a checkpoint saved on 8 devices restores 
 vice versa).
 
 Orbax (tensorstore's OCDBT/zarr chunks) does not verify array data: a flipped bit or a few
-overwritten bytes load as other numbers. Every restore here therefore checks the restored
-arrays against the checksums recorded at save and raises :class:`CorruptCheckpointError` on a
+overwritten bytes load as other numbers. Every read here therefore checks the restored arrays
+against the checksums recorded at save and raises :class:`CorruptCheckpointError` on a
 mismatch. Checksums are over the bytes of each whole (global) array, so they hold whatever the
 sharding and the number of devices or hosts at save and at restore.
 """
@@ -88,14 +88,13 @@ def _verify(
 ) -> None:
     """Check the restored arrays of ``tree`` against the checksums in ``meta``.
 
-    Raises :class:`CorruptCheckpointError` naming the first array that differs. Checkpoints
-    written before checksums were recorded load with a warning.
+    Raises :class:`CorruptCheckpointError` naming the first array that differs. A checkpoint
+    whose meta has no checksums loads with a warning.
     """
     recorded = meta.get(CHECKSUMS)
     if recorded is None:
         logging.warning(
-            "checkpoint step %d in %s has no checksums (written by an older aig-jax): "
-            "its arrays cannot be verified",
+            "checkpoint step %d in %s has no checksums: its arrays cannot be verified",
             step,
             directory,
         )
@@ -150,7 +149,8 @@ def _abstract(tree: Any) -> Any:
 class Checkpointer:
     """Saves when asked and keeps the last ``max_to_keep`` checkpoints.
 
-    Every process must call :meth:`save` and :meth:`restore` (Orbax coordinates them).
+    Every process must call :meth:`save` (Orbax coordinates them). Reading is
+    :func:`aig_jax.checkpoint.restore_or_init`'s.
     """
 
     def __init__(
@@ -201,56 +201,6 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(
-        self, variables_like: Any, opt_state_like: Any, step: int | None = None
-    ) -> tuple[Any, Any, dict[str, Any]]:
-        """Restore (variables, opt_state, meta) at ``step`` (default: latest).
-
-        ``*_like`` are pytrees of arrays or ShapeDtypeStructs whose shardings the restored
-        arrays take. Raises :class:`CorruptCheckpointError` naming the step if it cannot be
-        read or an array does not match its checksum, and :class:`CheckpointError` if its meta
-        names another step.
-        """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no checkpoint in {self.directory}")
-        try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    **{
-                        MODEL: ocp.args.StandardRestore(_abstract(variables_like)),
-                        OPT: ocp.args.StandardRestore({"opt_state": _abstract(opt_state_like)}),
-                        META: ocp.args.JsonRestore(),
-                    }
-                ),
-            )
-        except Exception as err:  # Orbax raises many types for unreadable files
-            raise _unreadable(self.directory, step, self.all_steps(), err) from err
-        variables, opt_state, meta = restored[MODEL], restored[OPT]["opt_state"], restored[META]
-        _check_step(self.directory, step, meta)
-        _verify(self.directory, step, meta, {**variables, "opt_state": opt_state}, self.all_steps())
-        return variables, opt_state, dict(meta)
-
-    def set_aside(self, step: int) -> str:
-        """Move the checkpoint at ``step`` to ``<directory>_corrupt/<step>`` (``<step>.1``, …
-        when taken), out of reach of the rotation, and return that path.
-
-        Process 0 moves it; every process must call this.
-        """
-        base = os.path.join(self.directory + "_corrupt", str(step))
-        target, n = base, 0
-        while os.path.exists(target):
-            n += 1
-            target = f"{base}.{n}"
-        _barrier(f"aig_jax: set aside checkpoint {step}")  # every process has chosen `target`
-        if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.rename(os.path.join(self.directory, str(step)), target)
-        _barrier(f"aig_jax: checkpoint {step} set aside")
-        self._manager.reload()
-        return target
-
     def wait_until_finished(self) -> None:
         """Block until asynchronous saves are on disk."""
         self._manager.wait_until_finished()
@@ -300,8 +250,21 @@ def resolve(path: str) -> tuple[str, int | None]:
     return path, None
 
 
+def steps_in(directory: str, *, create: bool = False) -> list[int]:
+    """Steps of the complete checkpoints in ``directory``, oldest first.
+
+    ``create`` makes the directory when it does not exist (every process alike: a choice made
+    on what one process sees of a shared filesystem could part them at Orbax's barriers).
+    """
+    manager = _manager(directory, create=create)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
 def _restore_items(directory: str, step: int | None, **items: Any) -> tuple[dict, int, list]:
-    """Restore the named items (``meta=ocp.args.JsonRestore()``, …) of the checkpoint at
+    """Restore the named items (``model=ocp.args.StandardRestore(...)``, …) of the checkpoint at
     ``step`` (default: the latest) in ``directory``; returns them, the step and all steps.
 
     The meta is always restored, and its step checked against the directory's.
@@ -330,15 +293,51 @@ def read_meta(path: str) -> tuple[dict[str, Any], str, int]:
     return dict(restored[META]), directory, step
 
 
-def load_variables(directory: str, step: int, variables_like: Any) -> dict[str, Any]:
-    """Restore only the model variables ({"params", "batch_stats"}) at ``step``, with the
-    shapes, dtypes and shardings of ``variables_like``, verified against their checksums
-    (:class:`CorruptCheckpointError` if one differs)."""
-    item = ocp.args.StandardRestore(_abstract(variables_like))
-    restored, step, steps = _restore_items(directory, step, **{MODEL: item})
+def read_arrays(
+    directory: str, step: int, variables_like: Any, opt_state_like: Any | None = None
+) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """(variables, opt_state, meta) of the checkpoint at ``step``, verified against their
+    checksums; opt_state is read only when ``opt_state_like`` is given (else None).
+
+    ``*_like`` are pytrees of arrays or ShapeDtypeStructs whose shapes, dtypes and shardings the
+    restored arrays take. Raises :class:`CorruptCheckpointError` naming the step when the files
+    cannot be read or an array does not match its checksum, and :class:`CheckpointError` when
+    the meta names another step.
+    """
+    items = {MODEL: ocp.args.StandardRestore(_abstract(variables_like))}
+    if opt_state_like is not None:
+        items[OPT] = ocp.args.StandardRestore({"opt_state": _abstract(opt_state_like)})
+    restored, step, steps = _restore_items(directory, step, **items)
     variables = dict(restored[MODEL])
-    _verify(directory, step, restored[META], variables, steps)
-    return variables
+    opt_state = restored[OPT]["opt_state"] if opt_state_like is not None else None
+    arrays = variables if opt_state is None else {**variables, "opt_state": opt_state}
+    _verify(directory, step, restored[META], arrays, steps)
+    return variables, opt_state, dict(restored[META])
+
+
+def load_variables(directory: str, step: int, variables_like: Any) -> dict[str, Any]:
+    """Only the model variables ({"params", "batch_stats"}) at ``step``, verified (see
+    :func:`read_arrays`)."""
+    return read_arrays(directory, step, variables_like)[0]
+
+
+def set_aside(directory: str, step: int) -> str:
+    """Move the checkpoint at ``step`` to ``<directory>_corrupt/<step>`` (``<step>.1``, … when
+    taken), out of reach of the rotation, and return that path.
+
+    Process 0 moves it; every process must call this.
+    """
+    base = os.path.join(directory + "_corrupt", str(step))
+    target, n = base, 0
+    while os.path.exists(target):
+        n += 1
+        target = f"{base}.{n}"
+    _barrier(f"aig_jax: set aside checkpoint {step}")  # every process has chosen `target`
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(os.path.join(directory, str(step)), target)
+    _barrier(f"aig_jax: checkpoint {step} set aside")
+    return target
 
 
 def save_variables(
