@@ -1,5 +1,5 @@
 """Compile the train step for a GPU this host does not have: XLA's GPU compiler, run ahead of
-time on the CPU, gives each model variant's compile time and kernel launches per step.
+time on the CPU, gives each model variant's compile time and kernels per step.
 
 Usage (from the repository root)::
 
@@ -13,16 +13,13 @@ No GPU is needed: the plugin's compiler reads the card from ``bench/targets/<tar
 It cannot autotune without the card (cuDNN algorithms, Triton tiles), and the host's cores set
 the pace of kernel code generation: compare variants within one run. Per train step it counts
 the kernels of the compiled program (a loop's body once per iteration) and, for a GPU target,
-from the thunk sequence XLA dumps at each variant's first compile (:mod:`launches`): the CUDA
-graphs (one host call each), the other launches (cuDNN, library calls, loop control), the
-kernels inside the graphs, and the kernels XLA generated code for ("compiled": identical
-fusions share one). Prints a table and writes ``bench/results/aot-<target>-<dtype>.json``.
-"""
+the kernels XLA generated code for ("compiled": identical fusions share one), from the PTX it
+dumps at each variant's first compile (:mod:`launches`). Prints a table and writes
+``bench/results/aot-<target>-<dtype>.json``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -32,10 +29,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling for a target needs no
 import jax
 
 from aig_jax.compilation_cache import enable_compilation_cache
-from bench.launches import compiled_kernels, dumped_launches, kernel_launches
+from bench.launches import compiled_kernels, kernel_launches
 from bench.model_bench import VARIANTS, abstract_train_step, compile_timed, model_config
 from bench.speed import SIZES, add_size_arguments, select_models
-from bench.table import aligned, fmt, phase_list
+from bench.table import aligned, fmt, phase_list, results_path, write_json
 
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
 
@@ -74,25 +71,19 @@ def target_devices(target: str) -> list[Any]:
 def compile_variant(
     config: Any, size: int, batch: int, mesh: Any, first: bool, profile: bool
 ) -> dict[str, Any]:
-    """Trace and compile seconds and kernel launches of ``config``'s train step on ``mesh``.
+    """Trace and compile seconds and kernels per step of ``config``'s train step on ``mesh``.
     The ``first`` compile for a GPU target also has XLA dump the program into a temporary
-    folder, from which its CUDA graphs and other launches are read (:mod:`launches`); with
+    folder, from which the kernels it generated code for are counted (:mod:`launches`); with
     ``profile`` it also lists the compiler's costliest phases."""
-    dumped = first and mesh.devices.flat[0].platform != "cpu"  # XLA:CPU dumps no thunks
+    dumped = first and mesh.devices.flat[0].platform != "cpu"  # XLA:CPU dumps no PTX
     with tempfile.TemporaryDirectory() as dump:
         step, args = abstract_train_step(config, size, batch, mesh)
         options = {"xla_dump_to": dump} if dumped else None
         compiled, info = compile_timed(step, *args, profile=profile, compiler_options=options)
-        hlo = compiled.as_text()
-        info["launches"] = kernel_launches(hlo)
-        host = dumped_launches(dump, hlo) if dumped else None
+        info["launches"] = kernel_launches(compiled.as_text())
         generated = compiled_kernels(dump) if dumped else None
     if generated is not None:
         info["compiled_kernels"] = generated
-    if host is not None:
-        info.update(
-            graph_launches=host.graphs, other_launches=host.other, graph_kernels=host.graph_kernels
-        )
     return info
 
 
@@ -123,9 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "jax_version": jax.__version__, "size": args.size, "dtype": args.dtype,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "models": [],
     }  # fmt: skip
-    name = f"aot-{args.target}-{args.dtype}.json"
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    out = args.out or results_path(f"aot-{args.target}-{args.dtype}.json")
     tags = [t for t in VARIANTS if t in args.variants]
     for name, img, batch in models:
         entry: dict[str, Any] = {"model": name, "image_size": img, "batch": batch}
@@ -137,8 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 m = entry.setdefault(tag, {**info, "compile_s_runs": []})
                 m["compile_s_runs"].append(info["compile_s"])
                 m["compile_s"] = statistics.median(m["compile_s_runs"])
-                with open(out, "w") as f:  # after every compile: an interrupted run keeps them
-                    json.dump(results, f, indent=2)
+                write_json(out, results)  # after every compile: an interrupted run keeps them
     print(
         f"{results['device']} ({args.target}), compiled on {os.cpu_count()} host cores, "
         f"jax {jax.__version__}, {args.dtype}"
@@ -149,20 +137,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def aot_table(results: dict[str, Any]) -> str:
-    """One row per model and variant: median and every compile's seconds, kernels per train
-    step and, on a GPU target, the host's launches (CUDA graphs, other launches, kernels inside
-    the graphs); then each variant's costliest compile phases where they were traced."""
-    columns = "model|variant|compile s|runs|compiled|kernels|graphs|other|in graphs"
+    """One row per model and variant: median and every compile's seconds, kernels compiled (on
+    a GPU target) and launched per train step; then each variant's costliest compile phases
+    where they were traced."""
+    columns = "model|variant|compile s|runs|compiled|kernels"
     rows: list[tuple[str, ...]] = [tuple(columns.split("|"))]
     notes = []
     for r in results["models"]:
         for tag in (t for t in VARIANTS if t in r):
             m = r[tag]
-            host = (fmt(m.get(k)) for k in ("graph_launches", "other_launches", "graph_kernels"))
             rows.append((
                 f"{r['model']} {r['image_size']}² b{r['batch']}", tag, fmt(m["compile_s"]),
                 " ".join(fmt(s) for s in m["compile_s_runs"]), fmt(m.get("compiled_kernels")),
-                str(m["launches"]), *host,
+                str(m["launches"]),
             ))  # fmt: skip
             if "phases" in m:
                 first = m["compile_s_runs"][0]

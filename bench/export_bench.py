@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -38,12 +36,13 @@ from aig_jax.export.runtime import Exported
 from aig_jax.inference.skipping import make_fast_eval_step
 from aig_jax.model.resnet import build_model
 from aig_jax.sharding import make_mesh, replicated, shard_batch
-from bench.table import aligned, fmt
+from bench.table import aligned, device_slug, fmt, results_path, write_json
 
 MODELS = {"resnet110_cifar": (32, 10), "resnet50": (224, 1000), "resnet8_cifar": (16, 10)}
 VARIANTS = ("exported_batch1", "exported_masked", "package_cond", "package_masked")
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 REFITS = 5  # rounds of threshold fitting: every block within a few % of rate 0.5
+PLATFORMS = ["cpu", "cuda", "tpu"]  # what each artefact is lowered for
 GOALS = "rate 0.5 speed-up >= 1.5; exported/in-package <= 1.05; rate 1 batch-1/masked <= 1.03"
 
 
@@ -69,9 +68,7 @@ def calibrated_half(model: Any, variables: Any, images: np.ndarray) -> np.ndarra
     return thresholds
 
 
-def bench_model(
-    name: str, num_images: int, platforms: list[str], dtype: str, tmp: str
-) -> dict[str, Any]:
+def bench_model(name: str, num_images: int, dtype: str, tmp: str) -> dict[str, Any]:
     """Sizes, load and compile seconds and per-image latencies of one model (see module)."""
     size, classes = MODELS[name]
     model = build_model(name, num_classes=classes, dtype=dtype)
@@ -85,7 +82,7 @@ def bench_model(
     _, export_s = _timed(
         lambda: export_model(
             path, model, variables, image_size=size, std=STD, **settings,
-            gate_mode="calibrated", thresholds=half, platforms=platforms,
+            gate_mode="calibrated", thresholds=half, platforms=PLATFORMS,
         )
     )  # fmt: skip
     start = time.perf_counter()
@@ -152,25 +149,23 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    """Measure the asked models, print the table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS)[:2], choices=list(MODELS))
     parser.add_argument("--images", type=int, default=100, help="timed images per rate")
     parser.add_argument("--dtype", default="float32", help="compute dtype of the models")
     parser.add_argument("--tiny", action="store_true", help="ResNet-8 16², 4 images")
-    parser.add_argument("--platforms", default="cpu,cuda,tpu", help="the artefact's platforms")
     parser.add_argument("--out", help="JSON path (default bench/results/export-<device>.json)")
     args = parser.parse_args()
     if args.tiny:
         args.models, args.images = ["resnet8_cifar"], 4
-    device = jax.devices()[0].device_kind
-    platforms = args.platforms.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        models = [bench_model(m, args.images, platforms, args.dtype, tmp) for m in args.models]
-    results = dict(device=device, jax=jax.__version__, platforms=args.platforms, models=models)
-    results["dtype"] = args.dtype
-    out = args.out or f"bench/results/export-{re.sub(r'[^a-z0-9]+', '-', device.lower())}.json"
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
+        models = [bench_model(m, args.images, args.dtype, tmp) for m in args.models]
+    device = jax.devices()[0].device_kind
+    results = dict(device=device, jax=jax.__version__, platforms=PLATFORMS, dtype=args.dtype)
+    results["models"] = models
+    out = args.out or results_path(f"export-{device_slug()}.json")
+    write_json(out, results)
     print(table(results))
     print(f"device: {device}; results: {out}")
 

@@ -4,19 +4,19 @@
         [--data_dir ../shared/data/cifar10/mini] [--out bench/results/learning-curves-cpu.json] \
         [--plot docs/images/learning_curves.png]
 
-For each depth (ConvNet-AIG ``resnet{depth}_cifar``, every block gated at ``--target``) and
-seed, both sides start from the same weights (ours, at the config's initialisation, loaded
-into the reference architecture built in PyTorch: :mod:`tests.torch_reference`) and
-see the same batches in the same order (our deterministic loader, augmented once, fed to
-both). Ours is ``train.py``'s loop (:func:`aig_jax.train.loop.train_and_evaluate`); theirs is
-the reference ``train.py``'s step (cross-entropy + λ·target-rate loss, SGD with momentum and
-weight decay on every parameter) with its own Gumbel noise. After every epoch both are
-evaluated on the test split with sampled gates (the reference's test-time gates): test error
-and the mean execution rate over blocks, plus the epoch's mean training cross-entropy and
-execution rate. Prints a table, writes JSON (after every run, so an interrupted run keeps what
-it measured; each run's wall time, compiles included) and plots test error and execution rate
-against epoch, both sides, every seed. Runs already in ``--out`` with the same depth, seed, side
-and epochs are kept, so an interrupted or extended invocation only trains what is missing.
+For each depth (ConvNet-AIG ``resnet{depth}_cifar``, every block gated at t = 0.7) and seed,
+both sides start from the same weights (ours, at the config's initialisation, loaded into the
+reference architecture built in PyTorch: :mod:`tests.torch_reference`) and see the same batches
+in the same order (our deterministic loader, augmented once, fed to both). Ours is
+``train.py``'s loop (:func:`aig_jax.train.loop.train_and_evaluate`); theirs is the reference
+``train.py``'s step (cross-entropy + λ·target-rate loss, SGD with momentum and weight decay on
+every parameter) with its own Gumbel noise. After every epoch both are evaluated on the test
+split with sampled gates (the reference's test-time gates): test error and the mean execution
+rate over blocks, plus the epoch's mean training cross-entropy and execution rate. Prints a
+table, writes JSON (after every run, so an interrupted run keeps what it measured; each run's
+wall time, compiles included) and plots test error and execution rate against epoch, both
+sides, every seed. Runs already in ``--out`` with the same depth, seed, side and epochs are
+kept, so an interrupted or extended invocation only trains what is missing.
 """
 
 from __future__ import annotations
@@ -41,22 +41,23 @@ from aig_jax.model.spec import ModelSpec
 from aig_jax.model.variables import init_variables
 from aig_jax.train.loop import train_and_evaluate
 from aig_jax.train.metrics import read_metrics
+from bench.table import write_json
 from configs import default
 
 MINI = Path(__file__).resolve().parents[2] / "shared/data/cifar10/mini"
 SIDES = ("aig-jax", "reference")
 
 
-def make_config(depth: int, seed: int, epochs: int, args: argparse.Namespace) -> Any:
-    """The reference CIFAR recipe (SGD 0.1, momentum 0.9, wd 5e-4, λ = 2) on ``--data_dir``,
-    evaluated with sampled gates after every epoch; ``epochs`` (short: the learning rate stays
-    0.1, the reference decays it from epoch 150)."""
+def make_config(depth: int, seed: int, epochs: int, data_dir: str) -> Any:
+    """The reference CIFAR recipe (SGD 0.1, momentum 0.9, wd 5e-4, λ = 2, t = 0.7) at batch
+    128 on ``data_dir``, evaluated with sampled gates after every epoch; ``epochs`` (short: the
+    learning rate stays 0.1, the reference decays it from epoch 150)."""
     c = default.get_config()
     c.model = f"resnet{depth}_cifar"
-    c.target_rate = args.target
+    c.target_rate = 0.7
     c.dataset.source = "npz"
-    c.dataset.data_dir = args.data_dir
-    c.batch_size = args.batch_size
+    c.dataset.data_dir = data_dir
+    c.batch_size = 128
     c.eval_batch_size = 500
     c.num_epochs = float(epochs)
     c.eval_every_epochs = 1.0
@@ -79,16 +80,23 @@ def run_ours(config: Any) -> list[dict[str, float]]:
     out = []
     for e, ev in enumerate(evals, 1):
         records = [r for r in train if e - 1 < r["epoch"] <= e]
-        out.append(
-            {
-                "epoch": e,
-                "test_error": float(ev["top1_error"]),
-                "test_rate": float(np.mean(ev["layer_rates"])),
-                "train_ce": float(np.mean([r["ce"] for r in records])),
-                "train_rate": float(np.mean([np.mean(r["gate_rates"]) for r in records])),
-            }
-        )
+        ce, rates = [r["ce"] for r in records], [np.mean(r["gate_rates"]) for r in records]
+        out.append(_epoch(e, ev["top1_error"], np.mean(ev["layer_rates"]), ce, rates))
     return out
+
+
+def _epoch(
+    epoch: int, test_error: float, test_rate: float, ce: list[float], rates: list[float]
+) -> dict[str, float]:
+    """One epoch's record: test error (%) and execution rate, and the means of the training
+    steps' cross-entropies ``ce`` and execution ``rates``."""
+    return {
+        "epoch": epoch,
+        "test_error": float(test_error),
+        "test_rate": float(test_rate),
+        "train_ce": float(np.mean(ce)),
+        "train_rate": float(np.mean(rates)),
+    }
 
 
 def torch_images(torch: Any, image: np.ndarray) -> Any:
@@ -117,15 +125,15 @@ def evaluate_torch(
     return 100.0 * wrong / count, float(np.sum(rates, axis=0).mean() / count)
 
 
-def run_reference(config: Any, noise_seed: int | None = None) -> list[dict[str, float]]:
+def run_reference(config: Any) -> list[dict[str, float]]:
     """The reference training loop in PyTorch from our initial weights on our batches; its
-    Gumbel noise is drawn from a generator seeded with ``noise_seed`` (default the seed)."""
+    Gumbel noise is drawn from a generator seeded with the config's seed."""
     import torch
 
     from tests import torch_reference as ref
 
     torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed if noise_seed is None else noise_seed)
+    gen = torch.Generator().manual_seed(config.seed)
     spec = ModelSpec.from_config(config)
     model = spec.build()
     targets = [float(t) for t in spec.targets]
@@ -156,15 +164,7 @@ def run_reference(config: Any, noise_seed: int | None = None) -> list[dict[str, 
             ce.append(float(parts["ce"]))
             rate.append(float(parts["gates"].mean()))
         error, test_rate = evaluate_torch(torch, net, len(spec.targets), config, test_source, gen)
-        out.append(
-            {
-                "epoch": epoch,
-                "test_error": error,
-                "test_rate": test_rate,
-                "train_ce": float(np.mean(ce)),
-                "train_rate": float(np.mean(rate)),
-            }
-        )
+        out.append(_epoch(epoch, error, test_rate, ce, rate))
     return out
 
 
@@ -241,8 +241,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--epochs", type=int, nargs="+", default=[10, 5], help="per depth (the last one repeats)"
     )
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--target", type=float, default=0.7)
     p.add_argument("--data_dir", default=str(MINI))
     p.add_argument("--out", default="bench/results/learning-curves-cpu.json")
     p.add_argument("--plot", default="docs/images/learning_curves.png")
@@ -265,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for i, depth in enumerate(args.depths):
         epochs = args.epochs[min(i, len(args.epochs) - 1)]
         for seed in args.seeds:
-            config = make_config(depth, seed, epochs, args)
+            config = make_config(depth, seed, epochs, args.data_dir)
             for side, run in zip(SIDES, (run_ours, run_reference), strict=True):
                 key = (depth, seed, side, epochs)
                 if key in done:
@@ -279,8 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     entry = {"depth": depth, "seed": seed, "side": side, "seconds": seconds,
                              "epochs": curve}  # fmt: skip
                 result["runs"].append(entry)
-                os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-                Path(args.out).write_text(json.dumps(result, indent=1))
+                write_json(args.out, result)
     print(table(result["runs"]))
     plot(result["runs"], args.plot)
     print(f"wrote {args.out} and {args.plot}")

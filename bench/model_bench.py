@@ -1,7 +1,6 @@
 """Device measurements of a model: train and inference images/s, compile time and memory of its
-gated and ungated variants, the skipping inference paths against the masked one, compiles
-through JAX's persistent cache, ``train.py``'s loop against its bare step, and the reference's
-PyTorch model.
+gated and ungated variants, the skipping inference paths against the masked one, ``train.py``'s
+loop against its bare step, and the reference's PyTorch model.
 
 Every train step is the one ``train.py`` builds from its config (:func:`train_step_for`):
 uint8 images normalised on the device, SGD with momentum and weight decay. Gates are untrained:
@@ -70,13 +69,18 @@ def error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"[:500]
 
 
-def _timed(fn: Callable[[], Any], iters: int) -> float:
-    """Seconds per call of ``fn`` after one warm-up call, waiting for the device each time."""
-    jax.block_until_ready(fn())
+def _timed(
+    fn: Callable[[], Any], iters: int, wait: Callable[[Any], Any] = jax.block_until_ready
+) -> float:
+    """Seconds per call of ``fn`` after two warm-up calls, ``wait`` (for the device to finish
+    a call's result) after the warm-up and after the last call."""
+    for _ in range(2):
+        out = fn()
+    wait(out)
     start = time.perf_counter()
     for _ in range(iters):
         out = fn()
-    jax.block_until_ready(out)
+    wait(out)
     return (time.perf_counter() - start) / iters
 
 
@@ -285,16 +289,6 @@ def abstract_train_step(
     return step, (replicated_like(abstract, mesh), data, key)
 
 
-def bench_compile_cache(name: str, size: int, batch: int, dtype: str) -> dict[str, Any]:
-    """Cold and warm (persistent cache) compile seconds of the gated model's train step."""
-    step, args = abstract_train_step(model_config(name, dtype), size, batch, make_mesh())
-    result = {"model": name}
-    for kind in ("cold", "warm"):
-        jax.clear_caches()  # in-memory caches only: "warm" reads the compiled step from disk
-        result[f"{kind}_compile_s"] = compile_timed(step, *args)[1]["compile_s"]
-    return result
-
-
 def loop_config(name: str, size: int, batch: int, dtype: str, base: Any = None) -> Any:
     """``model_config`` on synthetic images of ``size`` (ImageNet preprocessing above 32²)."""
     config = model_config(name, dtype, base=base)
@@ -352,6 +346,11 @@ def bench_reference(
     x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
     y, noise = torch.arange(batch, device=dev) % 10, ref.torch_gumbel_noise((n, batch, 2)).to(dev)
     result: dict[str, Any] = {"device": dev, "torch": torch.__version__}
+
+    def sync(_: Any) -> None:
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
     for tag in variants:
         net = ref.TorchResNet(
             like.block_cls is Bottleneck, like.stage_sizes, like.widths, like.stem, 10,
@@ -369,21 +368,8 @@ def bench_reference(
             with torch.no_grad(), cast:
                 net(x, "argmax")
 
-        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
         result[tag] = {
-            f"{s}_images_per_s": batch / _torch_timed(fn, iters, sync)
+            f"{s}_images_per_s": batch / _timed(fn, iters, sync)
             for s, fn in (("train", train), ("infer", infer))
         }
     return result
-
-
-def _torch_timed(fn: Callable[[], Any], iters: int, sync: Callable[[], Any]) -> float:
-    """Seconds per call of ``fn`` after two warm-up calls, waiting for the device."""
-    for _ in range(2):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / iters

@@ -31,12 +31,8 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*op
 
 def op_names(hlo_text: str) -> dict[str, str]:
     """Instruction name → ``op_name`` metadata (the JAX name stack) of a compiled HLO module."""
-    names = {}
-    for line in hlo_text.splitlines():
-        match = _INSTRUCTION.match(line)
-        if match:
-            names[match.group(1)] = match.group(2)
-    return names
+    matches = (_INSTRUCTION.match(line) for line in hlo_text.splitlines())
+    return {m.group(1): m.group(2) for m in matches if m}
 
 
 def _module_name(hlo_text: str) -> str | None:

@@ -11,27 +11,23 @@ Sections (``--sections`` picks some; :mod:`bench.model_bench` measures): ``model
 and inference images/s, trace and compile time and memory of each gated model and of the
 ungated model of the same architecture (``--reference``: the reference's PyTorch model too;
 ``--profile``: kernels per step and the compiler's costliest phases); ``skipping``, the skipping
-inference paths (:mod:`aig_jax.inference.skipping`) against the masked one; ``compile_cache``, a
-cold and a warm compile through JAX's persistent cache; ``loop``, ``train.py``'s loop against its
-bare step. Prints a table and writes JSON to ``bench/results/<device>.json``, after every
+inference paths (:mod:`aig_jax.inference.skipping`) against the masked one; ``loop``,
+``train.py``'s loop against its bare step. Every compile is cold unless ``--cache-dir`` names a
+persistent cache. Prints a table and writes JSON to ``bench/results/<device>.json``, after every
 figure, so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 
 from aig_jax.compilation_cache import enable_compilation_cache
 from bench import model_bench as mb
-from bench.table import table
+from bench.table import device_slug, results_path, table, write_json
 
 #: Per setting, (model, image size, batch) of each model, loop steps per logging interval and
 #: timed calls per measurement; "tiny" only checks that the script runs.
@@ -41,7 +37,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"models": [("resnet50", 64, 8), ("resnet110_cifar", 32, 16)], "loop": 4, "iters": 3},
     "tiny": {"models": [("resnet8_cifar", 16, 4)], "loop": 2, "iters": 1},
 }  # fmt: skip
-SECTIONS = ("models", "skipping", "compile_cache", "loop")
+SECTIONS = ("models", "skipping", "loop")
 
 
 def select_models(
@@ -75,42 +71,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--reference", action="store_true", help="the PyTorch reference too")
     parser.add_argument("--profile", action="store_true", help="trace steps and compiles")
-    parser.add_argument(
-        "--cache-dir",
-        help="persistent compilation cache kept across runs (default: a temporary one for the "
-        "compile_cache section, then none: every other compile is cold)",
-    )
+    parser.add_argument("--cache-dir", help="persistent compilation cache (default: none)")
     args = parser.parse_args(argv)
     setting = SIZES[args.size]
     try:
         models = select_models(setting["models"], args.models)
     except ValueError as err:
         parser.error(str(err))
-    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="aig-jax-cache-")
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    device = jax.devices()[0]
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    enable_compilation_cache(bool(args.cache_dir))  # without a cache, every compile is cold
     results: dict[str, Any] = {
-        "backend": jax.default_backend(), "device": device.device_kind,
+        "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
         "device_count": jax.device_count(), "jax_version": jax.__version__, "size": args.size,
         "dtype": args.dtype, "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }  # fmt: skip
-    slug = re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{slug}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    out = args.out or results_path(f"{device_slug()}.json")
 
     def save() -> None:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(out, results)
 
     iters, dtype = setting["iters"], args.dtype
-    if "compile_cache" in args.sections:
-        results["compile_cache"] = mb.bench_compile_cache(*models[-1], dtype)
-        save()
-    if args.cache_dir is None:  # every compile below is then a cold one
-        enable_compilation_cache(False)
-        shutil.rmtree(cache_dir, ignore_errors=True)
     if "models" in args.sections:
         results["models"] = []
         for m in models:

@@ -1,11 +1,35 @@
-"""The benchmarks' results as text tables."""
+"""The benchmarks' results as text tables, and where their JSON goes."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
 from bench.model_bench import VARIANTS
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_slug() -> str:
+    """The first device's kind as a file name: ``nvidia-h100-80gb-hbm3``, ``cpu``."""
+    return re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-")
+
+
+def results_path(name: str) -> str:
+    """``bench/results/<name>``, the default place of a benchmark's JSON."""
+    return os.path.join(RESULTS, name)
+
+
+def write_json(path: str, results: dict[str, Any]) -> None:
+    """Write ``results`` to ``path`` as indented JSON, creating its folder."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def fmt(value: Any) -> str:
@@ -35,7 +59,7 @@ def aligned(rows: Sequence[Sequence[str]]) -> list[str]:
 
 def table(results: dict[str, Any]) -> str:
     """``bench.speed``'s results as text: one row per model and variant (with the reference's
-    PyTorch model where measured), then ratios, profiles, skipping, compile cache and loop."""
+    PyTorch model where measured), then ratios, profiles, skipping and loop."""
     head = ("model", "variant", "train img/s", "infer img/s", "compile s", "peak MiB")
     rows: list[Sequence[str]] = [(*head, "reference train", "infer")]
     lines = []
@@ -75,12 +99,6 @@ def table(results: dict[str, Any]) -> str:
                 f"skipping {r['model']} {label}: rate {fmt(s['rate'])}, img/s masked "
                 f"{fmt(s['masked_images_per_s'])}, " + ", ".join(paths)
             )
-    if "compile_cache" in results:
-        c = results["compile_cache"]
-        lines.append(
-            f"{c['model']} train-step compile: cold {fmt(c['cold_compile_s'])} s, "
-            f"warm (persistent cache) {fmt(c['warm_compile_s'])} s"
-        )
     for r in results.get("loop", []):
         lines.append(
             f"training loop {r['model']} {r['image_size']}² b{r['batch']}: "

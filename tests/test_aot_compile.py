@@ -1,5 +1,5 @@
 """bench/aot_compile.py end to end on this host's CPU (GPU targets need JAX's CUDA plugin, which
-the tests do not install; tests/test_launches.py covers how a GPU program's launches are read)."""
+the tests do not install; tests/test_launches.py covers how a GPU program's kernels are read)."""
 
 import json
 import os
@@ -27,15 +27,15 @@ def _run(*args):
     )
 
 
-def test_cpu_target_writes_compile_times_and_launches(tmp_path):
+def test_cpu_target_writes_compile_times_and_kernels(tmp_path):
     out = tmp_path / "aot.json"
     args = ("--target", "cpu", "--tiny", "--variants", "gated", "ungated", "--repeats", "2")
     proc = _run(*args, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     header = proc.stdout.splitlines()[1].split()
-    assert header[5:] == ["compiled", "kernels", "graphs", "other", "in", "graphs"], header
+    assert header[5:] == ["compiled", "kernels"], header
     row = proc.stdout.splitlines()[2].split()
-    assert row[-3:] == ["n/a"] * 3 and row[-5] == "n/a"  # no CUDA graphs nor PTX on a CPU
+    assert row[-2] == "n/a" and int(row[-1]) > 0  # no PTX on a CPU
     assert str(out) in proc.stdout
     results = json.loads(out.read_text())
     assert results["target"] == "cpu" and results["host_cpus"] == os.cpu_count()
@@ -46,9 +46,7 @@ def test_cpu_target_writes_compile_times_and_launches(tmp_path):
         assert len(runs) == 2 and min(runs) > 0 and model[tag]["trace_s"] > 0
         assert model[tag]["compile_s"] == pytest.approx(sum(runs) / 2)  # the median of two
     assert model["gated"]["launches"] > 0 and model["ungated"]["launches"] > 0
-    # XLA:CPU writes no thunk sequence: no CUDA graphs to count
-    assert "graph_launches" not in model["gated"] and "graph_kernels" not in model["ungated"]
-    assert "compiled_kernels" not in model["gated"]
+    assert "compiled_kernels" not in model["gated"]  # XLA:CPU writes no PTX
 
 
 def test_an_unknown_target_is_named():

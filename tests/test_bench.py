@@ -60,8 +60,6 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
     rows = [v for v in skipping.values() if isinstance(v, dict)]
     assert len(rows) == 3 and all(set(r) == {"rate", "masked_images_per_s", "cond"} for r in rows)
     assert all(_positive(r["cond"]["speedup"]) for r in rows)
-    cache = results["compile_cache"]
-    assert _positive(cache["cold_compile_s"]) and _positive(cache["warm_compile_s"])
     (loop,) = results["loop"]
     assert loop["model"] == "resnet8_cifar" and _positive(loop["images_per_s"])
     assert 0 <= loop["input_wait_fraction"] <= 1 and _positive(loop["over_bare_step"])
@@ -72,13 +70,14 @@ def test_bench_tiny_writes_json_with_every_measurement(tmp_path):
     assert "training loop resnet8_cifar" in proc.stdout
 
 
-def test_bench_sections_measure_only_what_is_asked(tmp_path):
-    out = tmp_path / "cache.json"
-    proc = _run_bench("--sections", "compile_cache", "--out", str(out))
+def test_bench_sections_measure_only_what_is_asked_and_fill_the_cache_dir(tmp_path):
+    out, cache = tmp_path / "skipping.json", tmp_path / "cache"
+    proc = _run_bench("--sections", "skipping", "--cache-dir", str(cache), "--out", str(out))
     results = json.loads(out.read_text())
-    assert not {"models", "skipping", "loop"} & set(results)
-    assert results["compile_cache"]["model"] == "resnet8_cifar"
-    assert "resnet8_cifar train-step compile: cold" in proc.stdout
+    assert not {"models", "loop"} & set(results)
+    assert results["skipping"][0]["model"] == "resnet8_cifar"
+    assert "skipping resnet8_cifar batch4_median" in proc.stdout
+    assert any(cache.iterdir())  # the compiled programs, for a later run to read
 
 
 def test_models_option_keeps_the_named_models_in_order_and_names_unknown_ones():
