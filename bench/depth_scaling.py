@@ -18,7 +18,6 @@ timings of a plain ResNet written with JAX alone (the XLA reproduction).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -41,22 +40,24 @@ from aig_jax.train.optim import learning_rate_schedule, make_optimizer
 from aig_jax.train.state import create_train_state
 from aig_jax.train.step import KEEP_BARRIERS, make_train_step
 from bench.profiling import _module_name, _trace, op_durations
-from bench.table import aligned, fmt
+from bench.table import aligned, fmt, results_path, write_json
 from configs import default
 from tests import torch_reference as ref
 
 BIG = 100  # fused instructions: more than one block's elementwise work (with barriers < 60)
-Built = tuple[Callable[[], Any], Any, float]  # run one step, the compiled program, compile s
+Built = tuple[Callable[[], Any], Any, float]  # run a step (its new args), the program, compile s
 
 
 def _compiled(fn: Any, args: tuple[Any, ...], update: Any) -> Built:
-    """``fn`` (a jitted step) compiled for ``args``; its run feeds ``update(out)`` back in."""
+    """``fn`` (a jitted step) compiled for ``args``; each run feeds ``update(args, out)`` back in
+    and returns it."""
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     seconds, holder = time.perf_counter() - start, [args]
 
-    def run() -> None:
+    def run() -> Any:
         holder[0] = update(holder[0], jax.block_until_ready(compiled(*holder[0])))
+        return holder[0]
 
     return run, compiled, seconds
 
@@ -171,11 +172,31 @@ def time_rounds(steps: dict[str, Callable[[], Any]], n: int, rounds: int) -> dic
     return seconds
 
 
+def timing_rows(
+    depth: int, batch: int, seconds: dict[str, list], built: dict[str, Built], first: dict
+) -> list[dict[str, Any]]:
+    """A row per side of one depth from its seconds per step in each round: images/s, ours
+    over PyTorch (the median over rounds of their time ratio), time per block over that side's
+    at the first depth (``first`` remembers it) and the compile seconds."""
+    rows = []
+    for name, s in seconds.items():
+        torch_s = seconds.get("pytorch") if name != "pytorch" else None
+        over = torch_s and statistics.median([t / o for o, t in zip(s, torch_s, strict=True)])
+        per_block = statistics.median(s) / (depth - 2)
+        rows.append(
+            dict(depth=depth, side=name, seconds=s, images_per_s=batch / statistics.median(s))
+            | dict(over_pytorch=over, compile_s=built[name][2] if name in built else None)
+            | dict(per_block_growth=per_block / first.setdefault(name, per_block))
+        )
+    return rows
+
+
 COLUMNS = ("depth", "side", "images_per_s", "over_pytorch", "per_block_growth", "compile_s")
 PROFILE = ("depth", "side", "big_fusion_ms", "other_ms", "unnamed_ms", "largest_fusion", "fused")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the flags, time (or profile) each depth, print the table and write the JSON."""
     p = argparse.ArgumentParser("python -m bench.depth_scaling", description=__doc__.split("\n")[0])
     p.add_argument("--depths", type=int, nargs="+", default=[20, 56, 110])
     for flag, value in (("--batch", 64), ("--steps", 3), ("--rounds", 3)):
@@ -186,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     kind = "repro" if args.repro else "ungated" if args.ungated else "gated"
-    out = args.out or f"bench/results/depth-scaling-{kind}{'-profile' * args.profile}-cpu.json"
+    out = args.out or results_path(f"depth-scaling-{kind}{'-profile' * args.profile}-cpu.json")
     results: dict[str, Any] = {
         "command": " ".join(["python -m bench.depth_scaling", *(argv or sys.argv[1:])]),
         "device": f"{platform.processor() or platform.machine()} CPU ×{os.cpu_count()}",
@@ -194,32 +215,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "rows": [],
     }
-    first: dict[str, float] = {}
+    make = plain_resnet if args.repro else partial(ours, gated=not args.ungated)
+    prefix, first = "repro" if args.repro else "ours", {}
     for depth in args.depths:
-        make = plain_resnet if args.repro else partial(ours, gated=not args.ungated)
-        prefix = "repro" if args.repro else "ours"
         built = {f"{prefix} {v}": make(depth, args.batch, v == "barriers") for v in args.variants}
-        for name, (run, compiled, _) in built.items() if args.profile else ():
-            run()
-            results["rows"].append({"depth": depth, "side": name, **profile(run, compiled)})
-        steps = {} if args.profile else {name: b[0] for name, b in built.items()}
-        if steps and not args.repro:
-            steps["pytorch"] = reference(depth, not args.ungated, args.batch)
-        seconds = time_rounds(steps, args.steps, args.rounds)
-        for name, s in seconds.items():
-            torch_s = seconds.get("pytorch") if name != "pytorch" else None
-            over = torch_s and statistics.median([t / o for o, t in zip(s, torch_s, strict=True)])
-            per_block, compiled = statistics.median(s) / (depth - 2), built.get(name)
-            row = dict(
-                depth=depth, side=name, seconds=s, images_per_s=args.batch / statistics.median(s)
-            )
-            row |= dict(over_pytorch=over, compile_s=compiled[2] if compiled else None)
-            results["rows"].append(
-                row | {"per_block_growth": per_block / first.setdefault(name, per_block)}
-            )
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:  # after every depth, so that a stopped run keeps what it measured
-            json.dump(results, f, indent=2)
+        if args.profile:
+            for name, (run, compiled, _) in built.items():
+                run()
+                results["rows"].append({"depth": depth, "side": name, **profile(run, compiled)})
+        else:
+            steps = {name: b[0] for name, b in built.items()}
+            if not args.repro:
+                steps["pytorch"] = reference(depth, not args.ungated, args.batch)
+            seconds = time_rounds(steps, args.steps, args.rounds)
+            results["rows"] += timing_rows(depth, args.batch, seconds, built, first)
+        write_json(out, results)  # after every depth, so that a stopped run keeps what it measured
     print(f"{results['device']}, {results['versions']}, {args.rounds} rounds of {args.steps} steps")
     columns = PROFILE if args.profile else COLUMNS
     rows = [columns] + [tuple(fmt(r.get(k)) for k in columns) for r in results["rows"]]
