@@ -1,4 +1,4 @@
-"""One command for a lent GPU: model and loop speed, skipping, and ConvNet-AIG 110 against
+"""One command for ten minutes on a GPU: model and loop speed, skipping, and ConvNet-AIG 110 against
 ResNet-110 trained on CIFAR-10, each section within its own time budget.
 
     python -m bench.device_check --prepare     # here: fill .data/ and .whl/, check the size
