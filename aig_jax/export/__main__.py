@@ -25,11 +25,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from aig_jax import cli
+from aig_jax.checkpoint import resolve
 from aig_jax.eval.evaluators import Calibration, EvalContext
 from aig_jax.eval.restore import restore
 from aig_jax.export import ExportError
 from aig_jax.export.artefact import GATE_MODES, export_model
-from aig_jax.export.programs import PLATFORMS
+from aig_jax.export.programs import PLATFORMS, check_platforms
 from aig_jax.export.samples import write_samples
 from aig_jax.model.resnet import DTYPES
 from aig_jax.sharding import make_mesh
@@ -78,8 +79,7 @@ def checkpoint_path(workdir: str | None, checkpoint: str | None, step: int | Non
         raise app.UsageError("give exactly one of --workdir and --checkpoint")
     if step is None:
         return path
-    steps_dir = os.path.join(path, "checkpoints")
-    steps_dir = steps_dir if os.path.isdir(steps_dir) else path
+    steps_dir, _ = resolve(path)
     if not os.path.isdir(os.path.join(steps_dir, str(step))):
         found = sorted(int(n) for n in os.listdir(steps_dir) if n.isdigit())
         if found:  # otherwise restore names what is missing
@@ -133,9 +133,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--out is required")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-    unknown = [p for p in _PLATFORMS.value if p not in PLATFORMS]
-    if unknown or not _PLATFORMS.value:
-        raise ExportError(f"--platforms {unknown}: expected some of {', '.join(PLATFORMS)}")
+    check_platforms(_PLATFORMS.value, "--platforms")  # before the restore, which takes time
     mesh = make_mesh(1)
     path = checkpoint_path(_WORKDIR.value, _CHECKPOINT.value, _STEP.value)
     restored = restore(path, mesh, _CONFIG.value)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aig_jax.data.preprocess import normalise_pixels
+from aig_jax.export import ExportError
 from aig_jax.inference.skipping import BRANCHES
 from aig_jax.model.flops import ModelCost
 from aig_jax.model.resnet import ModelOutput
@@ -32,6 +33,14 @@ PROGRAM_BRANCHES = {"batch1": "cond", "batched": "masked"}
 
 #: Platforms ``jax.export`` lowers for.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def check_platforms(platforms: Sequence[str], name: str = "platforms") -> None:
+    """Raise :class:`~aig_jax.export.ExportError`, naming ``name`` and the unknown entries,
+    unless ``platforms`` is a non-empty list of :data:`PLATFORMS`."""
+    unknown = [p for p in platforms if p not in PLATFORMS]
+    if unknown or not platforms:
+        raise ExportError(f"{name} {unknown}: expected some of {', '.join(PLATFORMS)}")
 
 
 def flat_weights(variables: Any) -> tuple[list[str], list[np.ndarray], Any]:
@@ -81,9 +90,7 @@ def export_programs(
 ) -> dict[str, jax.export.Exported]:
     """The ``batch1`` and ``batched`` programs of ``model`` (see the module docstring),
     lowered with ``jax.export`` for every one of ``platforms``."""
-    unknown = sorted(set(platforms) - set(PLATFORMS))
-    if unknown or not platforms:
-        raise ValueError(f"platforms must be some of {PLATFORMS}, got {list(platforms)}")
+    check_platforms(platforms)
     num_blocks = len(cost.blocks)
     w_specs = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
     t_spec = jax.ShapeDtypeStruct((num_blocks,), jnp.float32)
