@@ -4,7 +4,7 @@
         [--variants barriers plain] [--ungated] [--profile] [--repro] [--out PATH]
 
 ConvNet-AIG ``resnet{depth}_cifar`` (every block gated; ``--ungated``: none), float32, 32²
-inputs: ours (:func:`aig_jax.train.step.make_train_step`, the recipe's optimizer) with
+inputs: ours (the step ``train.py`` builds, :class:`bench.model_bench.TrainRunner`) with
 ``fusion_barriers`` True ("barriers", the CPU default) or False ("plain"), and the PyTorch step
 of :mod:`tests.torch_reference` on 2 threads from the same weights. After a warm-up step each,
 every round times ``--steps`` steps of each side in turn. Medians over rounds: images/s, ours
@@ -36,45 +36,24 @@ import torch
 
 from aig_jax.model.resnet import build_model
 from aig_jax.model.variables import init_variables
-from aig_jax.train.optim import learning_rate_schedule, make_optimizer
-from aig_jax.train.state import create_train_state
-from aig_jax.train.step import KEEP_BARRIERS, make_train_step
+from aig_jax.sharding import make_mesh
+from aig_jax.train.step import KEEP_BARRIERS
+from bench.model_bench import TrainRunner, model_config
 from bench.profiling import _module_name, _trace, op_durations
 from bench.table import aligned, fmt, results_path, write_json
-from configs import default
 from tests import torch_reference as ref
 
 BIG = 100  # fused instructions: more than one block's elementwise work (with barriers < 60)
-Built = tuple[Callable[[], Any], Any, float]  # run a step (its new args), the program, compile s
-
-
-def _compiled(fn: Any, args: tuple[Any, ...], update: Any) -> Built:
-    """``fn`` (a jitted step) compiled for ``args``; each run feeds ``update(args, out)`` back in
-    and returns it."""
-    start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    seconds, holder = time.perf_counter() - start, [args]
-
-    def run() -> Any:
-        holder[0] = update(holder[0], jax.block_until_ready(compiled(*holder[0])))
-        return holder[0]
-
-    return run, compiled, seconds
+Built = tuple[Callable[[], Any], Any, float]  # run a step (its output), the program, compile s
 
 
 def ours(depth: int, batch: int, barriers: bool, gated: bool = True) -> Built:
-    """Our train step on ``batch`` random images, from the weights of seed 0."""
-    c = default.get_config()
-    model = build_model(f"resnet{depth}_cifar", gated=gated)
-    tx = make_optimizer(c, learning_rate_schedule(c, 100))
-    targets = np.array([c.target_rate if gated else 1.0] * model.num_blocks)
-    step = make_train_step(
-        model, tx, targets, target_weight=c.target_weight, fusion_barriers=barriers
-    )
-    image = np.random.default_rng(0).normal(size=(batch, 32, 32, 3)).astype(np.float32)
-    data = {"image": jnp.asarray(image), "label": jnp.arange(batch, dtype=jnp.int32) % 10}
-    state = jax.jit(lambda: create_train_state(model, tx, (32, 32, 3), 0))()
-    return _compiled(step, (state, data, jax.random.key(0)), lambda a, o: (o[0], *a[1:]))
+    """The train step ``train.py`` builds for ``resnet{depth}_cifar`` (every block gated, or
+    none), on ``batch`` random uint8 images, from the weights of seed 0."""
+    config = model_config(f"resnet{depth}_cifar", "float32", "gated" if gated else "ungated")
+    runner = TrainRunner(config, 32, batch, make_mesh(1), fusion_barriers=barriers)
+    run = lambda: jax.block_until_ready(runner())  # noqa: E731
+    return run, runner.compiled, runner.compile_info["compile_s"]
 
 
 def reference(depth: int, gated: bool, batch: int) -> Callable[[], Any]:
@@ -130,7 +109,15 @@ def plain_resnet(depth: int, batch: int, barriers: bool) -> Built:
 
     step = jax.jit(sgd, donate_argnums=0, compiler_options=KEEP_BARRIERS if barriers else None)
     data = (jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32), jnp.arange(batch) % 10)
-    return _compiled(step, (params, *data), lambda a, o: (o, *a[1:]))
+    start = time.perf_counter()
+    compiled = step.lower(params, *data).compile()
+    seconds, state = time.perf_counter() - start, [params]
+
+    def run() -> list[jax.Array]:
+        state[0] = jax.block_until_ready(compiled(state[0], *data))
+        return state[0]
+
+    return run, compiled, seconds
 
 
 def fusion_sizes(hlo_text: str) -> dict[str, int]:

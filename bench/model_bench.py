@@ -50,8 +50,11 @@ def model_config(name: str, dtype: str, variant: str = "gated", base: Any = None
     return c
 
 
-def train_step_for(config: Any, steps_per_epoch: int = 1) -> tuple[Any, Any, Any]:
-    """The model, optimizer and jitted train step that ``train.py`` builds from ``config``."""
+def train_step_for(
+    config: Any, steps_per_epoch: int = 1, fusion_barriers: bool | None = None
+) -> tuple[Any, Any, Any]:
+    """The model, optimizer and jitted train step that ``train.py`` builds from ``config``
+    (``fusion_barriers``: :func:`~aig_jax.train.step.make_train_step`'s, default as there)."""
     spec = ModelSpec.from_config(config)
     model = spec.build()
     schedule = learning_rate_schedule(config, steps_per_epoch)
@@ -60,6 +63,7 @@ def train_step_for(config: Any, steps_per_epoch: int = 1) -> tuple[Any, Any, Any
         model, tx, spec.targets, target_weight=config.target_weight,
         normalize=config.target_loss_normalize, learning_rate=schedule,
         pixel_stats=(config.dataset.mean, config.dataset.std), on_nonfinite=config.on_nonfinite,
+        fusion_barriers=fusion_barriers,
     )  # fmt: skip
     return model, tx, step
 
@@ -129,9 +133,16 @@ class TrainRunner:
     returns its metrics. ``compile_info``: :func:`compile_timed`'s figures."""
 
     def __init__(
-        self, config: Any, size: int, batch: int, mesh: Any, spe: int = 1, profile: bool = False
+        self,
+        config: Any,
+        size: int,
+        batch: int,
+        mesh: Any,
+        spe: int = 1,
+        profile: bool = False,
+        fusion_barriers: bool | None = None,
     ) -> None:
-        self.model, tx, step = train_step_for(config, spe)
+        self.model, tx, step = train_step_for(config, spe, fusion_barriers)
         self.state = jax.jit(
             lambda: create_train_state(self.model, tx, (size, size, 3), 0),
             out_shardings=replicated(mesh),

@@ -46,6 +46,6 @@ def test_reproduction_barriers_keep_the_step_and_separate_the_blocks():
     for barriers, (_, compiled, _) in runs.items():
         count = compiled.as_text().count(" opt-barrier(")
         assert (count > 0) == barriers  # kept through fusion only with the compile options
-    params = {b: jax.device_get(run()[0]) for b, (run, _, _) in runs.items()}  # one SGD step
+    params = {b: jax.device_get(run()) for b, (run, _, _) in runs.items()}  # one SGD step
     for a, b in zip(params[True], params[False], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
